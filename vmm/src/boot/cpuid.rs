@@ -1,0 +1,121 @@
+//! Guest CPUID: KVM_GET_SUPPORTED_CPUID, filtered to what a guest needs and what every
+//! KVM can run. Features whose instructions some KVMs cannot emulate are hidden:
+//! CMPXCHG16B (`lock cmpxchg16b` fails in the emulator of a software-assisted KVM) and the
+//! XSAVE family (`xrstor` likewise; the guest falls back to FXSAVE/FXRSTOR), with AVX and
+//! friends that depend on XSAVE. Topology leaves are rewritten per vCPU.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+// Leaf 1 ECX.
+const ECX_CX16: u32 = 1 << 13;
+const ECX_XSAVE: u32 = 1 << 26;
+const ECX_OSXSAVE: u32 = 1 << 27;
+const ECX_AVX: u32 = 1 << 28;
+const ECX_F16C: u32 = 1 << 29;
+const ECX_FMA: u32 = 1 << 12;
+const ECX_HYPERVISOR: u32 = 1 << 31;
+// Leaf 1 EDX.
+const EDX_HTT: u32 = 1 << 28;
+// Leaf 7.0 EBX: AVX2, AVX512F/DQ/IFMA/PF/ER/CD/BW/VL.
+const EBX7_AVX_MASK: u32 = (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+// Leaf 7.0 ECX: AVX512_VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ, VAES/VPCLMULQDQ (VEX/EVEX).
+const ECX7_AVX_MASK: u32 = (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
+// Leaf 7.0 EDX: AVX512_4VNNIW/4FMAPS, AMX.
+const EDX7_AVX_MASK: u32 = (1 << 2) | (1 << 3) | (1 << 22) | (1 << 24) | (1 << 25);
+// Leaf 7.1 EAX: AVX-VNNI, AVX512_BF16.
+const EAX71_AVX_MASK: u32 = (1 << 4) | (1 << 5);
+
+/// Rewrites `entries` (from KVM_GET_SUPPORTED_CPUID) for vCPU `cpu` of `vcpus`.
+pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8) {
+    // Bits needed to number `vcpus` logical processors.
+    let core_shift = (vcpus as u32).next_power_of_two().trailing_zeros();
+    for e in entries.iter_mut() {
+        match (e.function, e.index) {
+            (1, _) => {
+                e.ecx &= !(ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_F16C | ECX_FMA);
+                e.ecx |= ECX_HYPERVISOR;
+                // EBX: APIC id (31:24), logical processor count (23:16), CLFLUSH size (15:8).
+                e.ebx = ((cpu as u32) << 24) | ((vcpus as u32) << 16) | (8 << 8);
+                if vcpus > 1 {
+                    e.edx |= EDX_HTT;
+                } else {
+                    e.edx &= !EDX_HTT;
+                }
+            }
+            (4, _) => {
+                // Cores per package - 1 in EAX[31:26]; threads sharing this cache in EAX[25:14].
+                e.eax &= 0x3fff;
+                e.eax |= ((vcpus as u32 - 1) & 0x3f) << 26;
+                let level = (e.eax >> 5) & 0x7;
+                if level >= 3 {
+                    e.eax |= (vcpus as u32 - 1) << 14;
+                }
+            }
+            (7, 0) => {
+                e.ebx &= !EBX7_AVX_MASK;
+                e.ecx &= !ECX7_AVX_MASK;
+                e.edx &= !EDX7_AVX_MASK;
+            }
+            (7, 1) => e.eax &= !EAX71_AVX_MASK,
+            (0xb, idx) => {
+                // Extended topology: one thread per core, `vcpus` cores per package.
+                e.edx = cpu as u32;
+                match idx {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = (1 << 8) | idx;
+                    }
+                    1 => {
+                        e.eax = core_shift;
+                        e.ebx = vcpus as u32;
+                        e.ecx = (2 << 8) | idx;
+                    }
+                    _ => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = idx;
+                    }
+                }
+            }
+            (0xd, _) => {
+                // No XSAVE: no XSAVE state components.
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 { function, index, flags: 0, eax, ebx, ecx, edx, ..Default::default() }
+    }
+
+    #[test]
+    fn hides_cx16_and_xsave_and_sets_topology() {
+        let mut e = vec![
+            entry(1, 0, 0x806f8, 0xff00_0800, u32::MAX, u32::MAX),
+            entry(7, 0, 0, u32::MAX, u32::MAX, u32::MAX),
+            entry(0xb, 0, 1, 2, 0x100, 7),
+            entry(0xb, 1, 4, 16, 0x201, 7),
+            entry(0xd, 0, 7, 0x340, 0x340, 0),
+        ];
+        filter(&mut e, 1, 2);
+        assert_eq!(e[0].ecx & (ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX), 0);
+        assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
+        assert_eq!(e[0].ebx >> 24, 1, "APIC id");
+        assert_eq!((e[0].ebx >> 16) & 0xff, 2, "logical count");
+        assert_eq!(e[1].ebx & (1 << 5), 0, "AVX2 hidden");
+        assert_ne!(e[1].ebx & 1, 0, "FSGSBASE kept");
+        assert_eq!((e[2].edx, e[2].ebx), (1, 1));
+        assert_eq!((e[3].eax, e[3].ebx, e[3].edx), (1, 2, 1));
+        assert_eq!((e[4].eax, e[4].ebx), (0, 0));
+    }
+}

@@ -1,0 +1,88 @@
+//! Boot page tables: identity map of the first 1 GiB with 2 MiB pages. The 64-bit entry
+//! point of the kernel runs with paging on; it builds its own tables immediately.
+
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::layout::{PDE_START, PDPTE_START, PML4_START};
+use crate::memory::GuestMem;
+
+const PRESENT: u64 = 1 << 0;
+const WRITABLE: u64 = 1 << 1;
+const PAGE_SIZE_2M: u64 = 1 << 7;
+
+/// The three tables, as written to guest memory.
+pub struct BootPageTables {
+    pub pml4: [u64; 512],
+    pub pdpt: [u64; 512],
+    pub pd: [u64; 512],
+}
+
+/// Builds the identity map: PML4[0] -> PDPT[0] -> PD of 512 x 2 MiB pages.
+pub fn boot_page_tables() -> BootPageTables {
+    let mut t = BootPageTables {
+        pml4: [0; 512],
+        pdpt: [0; 512],
+        pd: [0; 512],
+    };
+    t.pml4[0] = PDPTE_START | PRESENT | WRITABLE;
+    t.pdpt[0] = PDE_START | PRESENT | WRITABLE;
+    for (i, e) in t.pd.iter_mut().enumerate() {
+        *e = ((i as u64) << 21) | PRESENT | WRITABLE | PAGE_SIZE_2M;
+    }
+    t
+}
+
+/// Writes the boot page tables; returns the CR3 value.
+pub fn write_boot_page_tables(mem: &GuestMem) -> Result<u64, vm_memory::GuestMemoryError> {
+    let t = boot_page_tables();
+    for (addr, table) in [(PML4_START, &t.pml4), (PDPTE_START, &t.pdpt), (PDE_START, &t.pd)] {
+        for (i, e) in table.iter().enumerate() {
+            mem.write_obj(*e, GuestAddress(addr + i as u64 * 8))?;
+        }
+    }
+    Ok(PML4_START)
+}
+
+/// Translates `va` through the boot tables (for tests and sanity checks).
+pub fn translate(t: &BootPageTables, va: u64) -> Option<u64> {
+    let pml4e = t.pml4[((va >> 39) & 0x1ff) as usize];
+    if pml4e & PRESENT == 0 || pml4e & !0xfff != PDPTE_START {
+        return None;
+    }
+    let pdpte = t.pdpt[((va >> 30) & 0x1ff) as usize];
+    if pdpte & PRESENT == 0 || pdpte & !0xfff != PDE_START {
+        return None;
+    }
+    let pde = t.pd[((va >> 21) & 0x1ff) as usize];
+    if pde & PRESENT == 0 || pde & PAGE_SIZE_2M == 0 {
+        return None;
+    }
+    Some((pde & !0x1f_ffff & 0x000f_ffff_ffff_ffff) | (va & 0x1f_ffff))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+
+    #[test]
+    fn identity_maps_first_gib() {
+        let t = boot_page_tables();
+        for va in [0u64, 0x1000, 0x100_0000, 0x3fff_ffff, 0x1234_5678] {
+            assert_eq!(translate(&t, va), Some(va), "va {va:#x}");
+        }
+        assert_eq!(translate(&t, 0x4000_0000), None);
+        assert_eq!(translate(&t, 0xffff_ffff_8100_0000), None);
+    }
+
+    #[test]
+    fn written_to_guest_memory() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let cr3 = write_boot_page_tables(&mem).unwrap();
+        assert_eq!(cr3, PML4_START);
+        let pml4e: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
+        assert_eq!(pml4e, PDPTE_START | 3);
+        let pde5: u64 = mem.read_obj(GuestAddress(PDE_START + 5 * 8)).unwrap();
+        assert_eq!(pde5, (5 << 21) | 0x83);
+    }
+}

@@ -1,0 +1,113 @@
+//! VM configuration.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Default kernel command line. `console=ttyS0` for the 8250 console; `reboot=k` so a guest
+/// reboot goes through the i8042 reset line the VMM watches; `panic=1` so a panic resets
+/// (the VMM reports it as a crash); `pci=off`/`8250.nr_uarts=1` skip probing hardware
+/// that does not exist; `tsc=reliable` and `no_timer_check` avoid clocksource watchdog and
+/// timer checks that are slow and flaky under a software-assisted KVM.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("invalid memory size '{0}': expected a number with an optional K/M/G suffix, e.g. 512M")]
+    BadMemSize(String),
+    #[error("memory size {0} MiB is too small: the guest needs at least {MIN_MEM_MIB} MiB")]
+    MemTooSmall(u64),
+    #[error("memory size {0} MiB is too large: at most {MAX_MEM_MIB} MiB is supported")]
+    MemTooLarge(u64),
+    #[error("vCPU count {0} is out of range: 1..={MAX_VCPUS}")]
+    BadVcpus(u8),
+}
+
+/// Smallest useful guest.
+pub const MIN_MEM_MIB: u64 = 64;
+/// Largest guest this VMM sets up (keeps page tables and e820 simple).
+pub const MAX_MEM_MIB: u64 = 64 * 1024;
+/// Most vCPUs (MP table, kernel NR_CPUS in images/guest.config).
+pub const MAX_VCPUS: u8 = 8;
+
+/// Everything needed to boot a guest.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_bytes: u64,
+    pub vcpus: u8,
+}
+
+impl VmConfig {
+    /// Checks sizes and counts.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mib = self.mem_bytes >> 20;
+        if mib < MIN_MEM_MIB {
+            return Err(ConfigError::MemTooSmall(mib));
+        }
+        if mib > MAX_MEM_MIB {
+            return Err(ConfigError::MemTooLarge(mib));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::BadVcpus(self.vcpus));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `512M`, `2G`, `65536K` or a plain byte count.
+pub fn parse_mem_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadMemSize(s.to_string());
+    let t = s.trim();
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes() {
+        assert_eq!(parse_mem_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_mem_size("2g").unwrap(), 2 << 30);
+        assert_eq!(parse_mem_size("4096").unwrap(), 4096);
+        assert_eq!(parse_mem_size("64K").unwrap(), 64 << 10);
+        assert!(parse_mem_size("12X").is_err());
+        assert!(parse_mem_size("M").is_err());
+        assert!(parse_mem_size("").is_err());
+        assert!(parse_mem_size("99999999999999999G").is_err());
+    }
+
+    #[test]
+    fn validate_limits() {
+        let mut c = VmConfig {
+            kernel: "k".into(),
+            initrd: None,
+            cmdline: String::new(),
+            mem_bytes: 512 << 20,
+            vcpus: 2,
+        };
+        assert!(c.validate().is_ok());
+        c.vcpus = 0;
+        assert_eq!(c.validate(), Err(ConfigError::BadVcpus(0)));
+        c.vcpus = 1;
+        c.mem_bytes = 1 << 20;
+        assert_eq!(c.validate(), Err(ConfigError::MemTooSmall(1)));
+    }
+}

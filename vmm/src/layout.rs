@@ -1,0 +1,51 @@
+//! The guest-physical memory map (x86-64).
+//!
+//! ```text
+//! 0x0000_0500  GDT                      0x0000_7000  zero page (boot_params)
+//! 0x0000_8ff0  boot stack top           0x0000_9000  PML4, PDPT (0xa000), PD (0xb000)
+//! 0x0002_0000  kernel command line      0x0009_fc00  MP table (EBDA, e820 reserved)
+//! 0x0010_0000  high memory (kernel at 16 MiB as linked)
+//! 0xc000_0000 .. 0x1_0000_0000  MMIO hole (IOAPIC, LAPIC, device MMIO)
+//! 0x1_0000_0000 ..  RAM above 4 GiB when --mem exceeds 3 GiB
+//! ```
+
+/// Where the GDT lives.
+pub const GDT_START: u64 = 0x500;
+/// Where the (empty) IDT lives.
+pub const IDT_START: u64 = 0x520;
+/// The zero page (`struct boot_params`).
+pub const ZERO_PAGE_START: u64 = 0x7000;
+/// Initial stack pointer of the boot vCPU.
+pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+/// Top-level page table (PML4); the PDPT and PD follow it.
+pub const PML4_START: u64 = 0x9000;
+pub const PDPTE_START: u64 = 0xa000;
+pub const PDE_START: u64 = 0xb000;
+/// Kernel command line.
+pub const CMDLINE_START: u64 = 0x20000;
+/// Maximum command line length (including the NUL), as in boot protocol 2.06+.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+/// Start of the extended BIOS data area; the MP table is written here.
+pub const EBDA_START: u64 = 0x9fc00;
+/// End of conventional memory.
+pub const EBDA_END: u64 = 0xa0000;
+/// Start of high memory: RAM from here up is usable by the kernel.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO hole.
+pub const MMIO_GAP_START: u64 = 0xc000_0000;
+/// End of the 32-bit MMIO hole (4 GiB).
+pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+/// IOAPIC MMIO base.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC MMIO base.
+pub const APIC_START: u64 = 0xfee0_0000;
+/// Device MMIO (virtio-mmio) window inside the hole.
+pub const DEVICE_MMIO_START: u64 = 0xd000_0000;
+/// Highest address an initrd may end at (`initrd_addr_max` default).
+pub const INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Number of IOAPIC pins (in-kernel irqchip).
+pub const IOAPIC_PINS: u8 = 24;
+/// Legacy IRQ of the first serial port (COM1).
+pub const SERIAL_IRQ: u32 = 4;
+/// I/O port of COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;

@@ -1,0 +1,29 @@
+//! lucos-vmm: a small KVM virtual machine monitor that boots an unmodified
+//! x86-64 Linux guest (direct 64-bit boot of an uncompressed vmlinux) and hosts
+//! the lucos update server.
+//!
+//! Module map:
+//! - [`config`]: the VM's configuration (memory size, vCPUs, kernel, initrd, cmdline).
+//! - [`layout`]: the guest-physical memory map.
+//! - [`memory`]: guest RAM allocation and KVM memslots.
+//! - [`boot`]: everything written into the guest before the first instruction:
+//!   kernel + initrd loading, boot_params/e820, GDT, page tables, MP table, CPUID, registers.
+//! - [`devices`]: port-I/O devices (8250 serial, i8042 reset).
+//! - [`vcpu`]: vCPU threads, their run loop and kicking them out of KVM_RUN.
+//! - [`fault`]: decoding and reporting guest exits the VMM cannot handle.
+//! - [`console`]: the host terminal side of the serial console.
+//! - [`vm`]: puts it all together and runs the guest until it stops.
+
+pub mod boot;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod fault;
+pub mod layout;
+pub mod memory;
+pub mod symbols;
+pub mod vcpu;
+pub mod vm;
+
+pub use config::VmConfig;
+pub use vm::{ExitReason, Vm, VmError};

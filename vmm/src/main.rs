@@ -1,0 +1,105 @@
+//! `lucos-vmm`: boots an x86-64 Linux guest on KVM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use lucos_vmm::config::{parse_mem_size, DEFAULT_CMDLINE};
+use lucos_vmm::vm::RunOptions;
+use lucos_vmm::{Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(name = "lucos-vmm", version, about = "A KVM VMM for hypervisor-assisted live updates of a Linux guest")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a guest: direct 64-bit boot of an uncompressed vmlinux with an optional initramfs.
+    ///
+    /// The serial console (COM1) is connected to stdout/stdin; when stdin is a terminal,
+    /// Ctrl-A x quits. Exit codes: 0 guest rebooted or powered off (or Ctrl-A x),
+    /// 1 VMM error (bad arguments, unreadable kernel, KVM failure), 2 usage error,
+    /// 3 guest crashed (kernel panic, triple fault, unhandled VM exit; details on stderr),
+    /// 4 --timeout expired.
+    #[command(verbatim_doc_comment)]
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Uncompressed kernel ELF (vmlinux), e.g. images/out/vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed if the kernel supports it).
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line (replaces the default).
+    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Extra arguments appended to the kernel command line.
+    #[arg(long, value_name = "STR")]
+    append: Option<String>,
+    /// Guest memory, with K/M/G suffix.
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    mem: String,
+    /// Number of vCPUs (1-8).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    vcpus: u8,
+    /// Stop the guest (exit code 4) if it is still running after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Do not forward stdin to the guest console.
+    #[arg(long)]
+    no_stdin: bool,
+}
+
+fn run(args: RunArgs) -> Result<i32, String> {
+    let started = Instant::now();
+    let mem_bytes = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
+    let mut cmdline = args.cmdline;
+    if let Some(a) = args.append {
+        cmdline.push(' ');
+        cmdline.push_str(&a);
+    }
+    let config = VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline,
+        mem_bytes,
+        vcpus: args.vcpus,
+    };
+    let vm = Vm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
+    let reason = vm
+        .run(RunOptions {
+            stdin: !args.no_stdin,
+            timeout: args.timeout.map(Duration::from_secs),
+            console: None,
+        })
+        .map_err(|e| e.to_string())?;
+    let code = reason.exit_code();
+    eprintln!(
+        "\r\nlucos-vmm: {} after {:.2}s (exit code {code})",
+        reason.describe(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(code)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Run(args) => match run(args) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("lucos-vmm: error: {e}");
+                1
+            }
+        },
+    };
+    ExitCode::from(code as u8)
+}

@@ -1,0 +1,83 @@
+//! Guest RAM: allocation around the 32-bit MMIO hole and registration as KVM memslots.
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
+
+pub type GuestMem = GuestMemoryMmap<()>;
+
+#[derive(Debug, Error)]
+pub enum MemoryError {
+    #[error("cannot allocate {size} bytes of guest memory: {source}")]
+    Allocate {
+        size: u64,
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} (gpa {gpa:#x}, {size:#x} bytes) failed: {source}")]
+    SetRegion {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The guest RAM ranges (start, size) for `mem_bytes` of memory, split around the MMIO hole.
+pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, usize)> {
+    if mem_bytes <= MMIO_GAP_START {
+        vec![(GuestAddress(0), mem_bytes as usize)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO_GAP_START as usize),
+            (GuestAddress(MMIO_GAP_END), (mem_bytes - MMIO_GAP_START) as usize),
+        ]
+    }
+}
+
+/// Allocates anonymous host memory for the guest.
+pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMem, MemoryError> {
+    GuestMemoryMmap::from_ranges(&ram_ranges(mem_bytes)).map_err(|source| MemoryError::Allocate {
+        size: mem_bytes,
+        source,
+    })
+}
+
+/// Registers every RAM region with KVM, one memslot each.
+pub fn register_memslots(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the host range [userspace_addr, +memory_size) is a live mmap owned by `mem`,
+        // which the caller keeps alive for as long as the VM exists; slots do not overlap.
+        unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemoryError::SetRegion {
+            slot: r.slot,
+            gpa: r.guest_phys_addr,
+            size: r.memory_size,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_hole() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START as usize));
+        assert_eq!(r[1].0, GuestAddress(MMIO_GAP_END));
+        assert_eq!(r[1].1 as u64, (4 << 30) - MMIO_GAP_START);
+    }
+}

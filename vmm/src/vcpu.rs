@@ -1,0 +1,203 @@
+//! vCPU threads: the KVM_RUN loop, exit dispatch, and kicking a vCPU out of KVM_RUN.
+//!
+//! Kicking uses a real-time signal whose handler sets `immediate_exit` in the thread's
+//! `kvm_run` page: a signal that lands while the thread is outside KVM_RUN still makes the
+//! next KVM_RUN return at once (no lost wake-ups), as Firecracker does.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use iced_x86::Code;
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use log::{debug, warn};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+
+use crate::devices::PioBus;
+use crate::fault;
+use crate::memory::GuestMem;
+use crate::symbols::SymbolTable;
+use crate::vm::VmEvent;
+
+/// The signal used to kick vCPU threads.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN_PTR.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: `p` points at this thread's kvm_run mapping, published by `Vcpu::run` and
+        // cleared before the VcpuFd (and its mapping) is dropped. Writing one byte is
+        // async-signal-safe.
+        unsafe { std::ptr::write_volatile(&mut (*p).immediate_exit, 1) };
+    }
+}
+
+/// Installs the kick signal handler (once per process).
+pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    register_signal_handler(kick_signal(), handle_kick)
+}
+
+/// State shared by all vCPU threads.
+pub struct VcpuShared {
+    pub mem: GuestMem,
+    pub pio: PioBus,
+    pub events: Sender<VmEvent>,
+    pub stop: AtomicBool,
+    pub symbols: Option<Arc<SymbolTable>>,
+}
+
+/// One vCPU.
+pub struct Vcpu {
+    pub id: u8,
+    pub fd: VcpuFd,
+    shared: Arc<VcpuShared>,
+}
+
+/// What a VM exit asks the loop to do after the kvm_run borrow ends.
+enum Next {
+    Continue,
+    InternalError { suberror: u32 },
+    Fatal(String),
+    Stop,
+}
+
+impl Vcpu {
+    pub fn new(id: u8, fd: VcpuFd, shared: Arc<VcpuShared>) -> Self {
+        Self { id, fd, shared }
+    }
+
+    /// Starts the vCPU thread.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        let p: *mut kvm_run = self.fd.get_kvm_run();
+        KVM_RUN_PTR.with(|c| c.set(p));
+        while !self.shared.stop.load(Ordering::Acquire) {
+            let next = self.run_once();
+            match next {
+                Next::Continue => {}
+                Next::Stop => break,
+                Next::InternalError { suberror } => {
+                    if !self.handle_internal_error(suberror) {
+                        break;
+                    }
+                }
+                Next::Fatal(what) => {
+                    let msg = fault::report(&self.fd, &self.shared.mem, self.shared.symbols.as_deref(), &what);
+                    let _ = self.shared.events.send(VmEvent::Crash(msg));
+                    break;
+                }
+            }
+        }
+        KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
+        debug!("vcpu{} stopped", self.id);
+    }
+
+    fn run_once(&mut self) -> Next {
+        let id = self.id;
+        let shared = &self.shared;
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    shared.pio.read(port, data);
+                    Next::Continue
+                }
+                VcpuExit::IoOut(port, data) => {
+                    shared.pio.write(port, data);
+                    Next::Continue
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    debug!("vcpu{id}: unclaimed MMIO read at {addr:#x}");
+                    data.fill(0);
+                    Next::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    debug!("vcpu{id}: unclaimed MMIO write at {addr:#x} = {data:02x?}");
+                    Next::Continue
+                }
+                VcpuExit::Hlt => Next::Continue,
+                VcpuExit::Intr => Next::Continue,
+                VcpuExit::Shutdown => Next::Fatal(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)")),
+                VcpuExit::FailEntry(reason, cpu) => Next::Fatal(format!(
+                    "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host cpu {cpu}"
+                )),
+                VcpuExit::SystemEvent(kind, _) => {
+                    let ev = match kind {
+                        KVM_SYSTEM_EVENT_RESET => VmEvent::Reset("KVM system event: reset".into()),
+                        KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
+                        KVM_SYSTEM_EVENT_CRASH => VmEvent::Crash(format!("vCPU {id}: KVM system event: crash")),
+                        k => VmEvent::Crash(format!("vCPU {id}: unknown KVM system event {k}")),
+                    };
+                    let _ = shared.events.send(ev);
+                    Next::Stop
+                }
+                VcpuExit::InternalError => {
+                    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is
+                    // the active member of the kvm_run exit union.
+                    let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    Next::InternalError { suberror }
+                }
+                other => Next::Fatal(format!("vCPU {id}: unhandled VM exit {other:?}")),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Fatal(format!("vCPU {id}: KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// Handles KVM_EXIT_INTERNAL_ERROR. Returns true if the vCPU can go on.
+    ///
+    /// An emulation failure on `int3` is recoverable: the guest meant to raise #BP (Linux
+    /// uses int3 for text patching: static keys, ftrace, its own self-test), and on
+    /// hardware KVM it never exits at all. We deliver the #BP the CPU would have raised: as
+    /// a trap, RIP moves past the one-byte instruction and vector 3 is injected. Every other
+    /// emulation failure is fatal and reported with the decoded instruction.
+    fn handle_internal_error(&mut self, suberror: u32) -> bool {
+        let decoded = fault::decode_at_rip(&self.fd, &self.shared.mem);
+        if suberror == 1 {
+            if let Some(d) = decoded.as_ref().filter(|d| d.insn.map(|i| i.code()) == Some(Code::Int3)) {
+                match self.inject_breakpoint(d.rip) {
+                    Ok(()) => return true,
+                    Err(e) => warn!("vcpu{}: re-injecting #BP failed: {e}", self.id),
+                }
+            }
+        }
+        let what = format!(
+            "vCPU {}: KVM_EXIT_INTERNAL_ERROR ({}, suberror {suberror})",
+            self.id,
+            fault::internal_error_name(suberror)
+        );
+        let msg = fault::report(&self.fd, &self.shared.mem, self.shared.symbols.as_deref(), &what);
+        let _ = self.shared.events.send(VmEvent::Crash(msg));
+        false
+    }
+
+    fn inject_breakpoint(&mut self, rip: u64) -> Result<(), kvm_ioctls::Error> {
+        let mut regs = self.fd.get_regs()?;
+        regs.rip = rip.wrapping_add(1);
+        self.fd.set_regs(&regs)?;
+        let mut ev = self.fd.get_vcpu_events()?;
+        ev.exception.injected = 1;
+        ev.exception.nr = 3;
+        ev.exception.has_error_code = 0;
+        ev.exception.error_code = 0;
+        self.fd.set_vcpu_events(&ev)?;
+        debug!("vcpu{}: int3 at {rip:#x} re-injected as #BP", self.id);
+        Ok(())
+    }
+}

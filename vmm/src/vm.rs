@@ -1,0 +1,318 @@
+//! Builds the VM from a [`VmConfig`] and runs it until the guest stops.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use log::{info, warn};
+use thiserror::Error;
+use vm_superio::Serial;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{cpuid, loader, mptable, paging, params, regs};
+use crate::config::{ConfigError, VmConfig};
+use crate::console;
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::serial::{ConsoleOut, EventFdTrigger, SerialPort};
+use crate::devices::PioBus;
+use crate::layout::{CMDLINE_START, SERIAL_IRQ, SERIAL_PORT};
+use crate::memory::{self, GuestMem};
+use crate::symbols::SymbolTable;
+use crate::vcpu::{self, Vcpu, VcpuShared};
+
+/// Where the TSS and identity-map pages KVM needs on Intel go (just below the BIOS area).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+/// How long to wait for the guest to reset after it printed a kernel panic.
+const PANIC_GRACE: Duration = Duration::from_secs(5);
+
+/// Something that happened in the VM that the main thread must act on.
+#[derive(Debug)]
+pub enum VmEvent {
+    /// The guest reset the machine (reboot).
+    Reset(String),
+    /// The guest powered off.
+    PowerOff,
+    /// The guest kernel printed a panic line.
+    Panic(String),
+    /// A vCPU stopped on an exit the VMM cannot handle.
+    Crash(String),
+    /// The user pressed Ctrl-A x.
+    UserQuit,
+}
+
+/// Why the VM stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Guest rebooted (exit code 0).
+    Reboot(String),
+    /// Guest powered off (exit code 0).
+    PowerOff,
+    /// Guest kernel panicked (exit code 3).
+    GuestPanic(String),
+    /// A vCPU hit something the VMM cannot handle (exit code 3).
+    GuestCrash(String),
+    /// `--timeout` expired (exit code 4).
+    Timeout(Duration),
+    /// The user quit with Ctrl-A x (exit code 0).
+    UserQuit,
+}
+
+impl ExitReason {
+    /// The process exit code for this reason.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ExitReason::Reboot(_) | ExitReason::PowerOff | ExitReason::UserQuit => 0,
+            ExitReason::GuestPanic(_) | ExitReason::GuestCrash(_) => 3,
+            ExitReason::Timeout(_) => 4,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ExitReason::Reboot(how) => format!("guest rebooted ({how})"),
+            ExitReason::PowerOff => "guest powered off".into(),
+            ExitReason::GuestPanic(line) => format!("guest kernel panicked: {line}"),
+            ExitReason::GuestCrash(what) => format!("guest stopped on an unhandled exit:\n{what}"),
+            ExitReason::Timeout(d) => format!("timeout: guest still running after {}s, stopped", d.as_secs()),
+            ExitReason::UserQuit => "quit by user (Ctrl-A x)".into(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM lacks a required capability: {0:?}")]
+    MissingCap(Cap),
+    #[error("{what} failed: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    #[error(transparent)]
+    Loader(#[from] loader::LoaderError),
+    #[error(transparent)]
+    Params(#[from] params::ParamsError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error("vCPU {cpu} setup: {source}")]
+    Regs { cpu: u8, source: regs::RegsError },
+    #[error("writing boot page tables: {0}")]
+    PageTables(vm_memory::GuestMemoryError),
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+    #[error("device setup: {0}")]
+    Device(#[from] crate::devices::bus::OverlapError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// Host-side options that do not change the guest.
+#[derive(Default)]
+pub struct RunOptions {
+    /// Forward stdin to the serial console.
+    pub stdin: bool,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+    /// Where the console output goes (stdout if None).
+    pub console: Option<Box<dyn Write + Send>>,
+}
+
+/// A built, not yet running VM.
+pub struct Vm {
+    _kvm: Kvm,
+    _vm: VmFd,
+    vcpus: Vec<Vcpu>,
+    shared: Arc<VcpuShared>,
+    serial: Arc<Mutex<SerialPort>>,
+    events: Receiver<VmEvent>,
+    events_tx: std::sync::mpsc::Sender<VmEvent>,
+}
+
+impl Vm {
+    /// Creates the VM, loads the guest and prepares every vCPU; nothing runs yet.
+    pub fn build(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Self, VmError> {
+        config.validate()?;
+        let t0 = Instant::now();
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        for cap in [Cap::Irqchip, Cap::UserMemory, Cap::SetTssAddr, Cap::Pit2, Cap::Irqfd, Cap::ImmediateExit] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(cap));
+            }
+        }
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(config.mem_bytes)?;
+        memory::register_memslots(&vm, &mem)?;
+
+        let kernel = loader::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => {
+                let (addr, size) = loader::load_initrd(&mem, p, kernel.end)?;
+                Some(params::InitrdLocation { addr, size })
+            }
+            None => None,
+        };
+        let cmdline_len = loader::load_cmdline(&mem, &config.cmdline)?;
+        let e820 = params::e820_map(config.mem_bytes, &[]);
+        let bp = params::build_boot_params(&e820, CMDLINE_START, cmdline_len, initrd)?;
+        params::write_boot_params(&mem, &bp)?;
+        let cr3 = paging::write_boot_page_tables(&mem).map_err(VmError::PageTables)?;
+        mptable::write(&mem, config.vcpus)?;
+        info!(
+            "kernel entry {:#x}, end {:#x}; initrd {:?}; cmdline '{}'",
+            kernel.entry, kernel.end, initrd, config.cmdline
+        );
+
+        let symbols = match SymbolTable::from_elf(&config.kernel) {
+            Ok(t) => Some(Arc::new(t)),
+            Err(e) => {
+                warn!("no kernel symbols for fault reports: {e}");
+                None
+            }
+        };
+
+        // Devices.
+        let (events_tx, events) = channel();
+        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        vm.register_irqfd(&serial_evt, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(SerialPort(Serial::new(
+            EventFdTrigger(serial_evt),
+            ConsoleOut::new(console_out, events_tx.clone()),
+        ))));
+        let mut pio = PioBus::new();
+        pio.insert(SERIAL_PORT, 8, serial.clone())?;
+        pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(events_tx.clone()))))?;
+
+        let shared = Arc::new(VcpuShared {
+            mem: mem.clone(),
+            pio,
+            events: events_tx.clone(),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            symbols,
+        });
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.vcpus {
+            let fd = vm.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let mut entries = supported.as_slice().to_vec();
+            cpuid::filter(&mut entries, id, config.vcpus);
+            let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
+                what: "building CPUID",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            regs::setup_vcpu(&fd, &mem, kernel.entry, cr3, id == 0).map_err(|source| VmError::Regs { cpu: id, source })?;
+            vcpus.push(Vcpu::new(id, fd, shared.clone()));
+        }
+        info!("VM built in {:?}", t0.elapsed());
+        Ok(Vm { _kvm: kvm, _vm: vm, vcpus, shared, serial, events, events_tx })
+    }
+
+    /// Runs the guest until it stops; returns why.
+    pub fn run(self, opts: RunOptions) -> Result<ExitReason, VmError> {
+        vcpu::register_kick_handler().map_err(VmError::Signal)?;
+        let _raw = opts.stdin.then(console::RawModeGuard::new);
+        if opts.stdin {
+            console::spawn_stdin_forwarder(self.serial.clone(), self.events_tx.clone(), true);
+        }
+        let mut handles: Vec<JoinHandle<()>> = Vec::new();
+        for v in self.vcpus {
+            match v.spawn() {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop_vcpus(&self.shared, &handles);
+                    join_all(handles);
+                    return Err(VmError::Thread(e));
+                }
+            }
+        }
+        let reason = wait_for_exit(&self.events, opts.timeout);
+        stop_vcpus(&self.shared, &handles);
+        join_all(handles);
+        Ok(reason)
+    }
+}
+
+fn wait_for_exit(events: &Receiver<VmEvent>, timeout: Option<Duration>) -> ExitReason {
+    let start = Instant::now();
+    let mut panic_line: Option<(String, Instant)> = None;
+    loop {
+        let mut wait = Duration::from_millis(200);
+        if let Some(t) = timeout {
+            match t.checked_sub(start.elapsed()) {
+                Some(left) => wait = wait.min(left),
+                None => return ExitReason::Timeout(t),
+            }
+        }
+        if let Some((line, at)) = &panic_line {
+            if at.elapsed() > PANIC_GRACE {
+                return ExitReason::GuestPanic(line.clone());
+            }
+        }
+        match events.recv_timeout(wait) {
+            Ok(VmEvent::Reset(how)) => {
+                return match panic_line {
+                    Some((line, _)) => ExitReason::GuestPanic(line),
+                    None => ExitReason::Reboot(how),
+                }
+            }
+            Ok(VmEvent::PowerOff) => return ExitReason::PowerOff,
+            Ok(VmEvent::Panic(line)) => {
+                panic_line.get_or_insert((line, Instant::now()));
+            }
+            Ok(VmEvent::Crash(what)) => return ExitReason::GuestCrash(what),
+            Ok(VmEvent::UserQuit) => return ExitReason::UserQuit,
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return ExitReason::GuestCrash("all event sources closed".into()),
+        }
+    }
+}
+
+fn stop_vcpus(shared: &VcpuShared, handles: &[JoinHandle<()>]) {
+    shared.stop.store(true, Ordering::Release);
+    for h in handles {
+        if let Err(e) = h.kill(vcpu::kick_signal()) {
+            warn!("kicking a vCPU thread failed: {e}");
+        }
+    }
+}
+
+fn join_all(handles: Vec<JoinHandle<()>>) {
+    for h in handles {
+        let _ = h.join();
+    }
+}
+
+/// Keeps `GuestMem` reachable for callers that want to inspect the guest later.
+pub fn guest_memory(vm: &Vm) -> &GuestMem {
+    &vm.shared.mem
+}
