@@ -79,9 +79,9 @@ else
         patch -d "$kdir/src" -p1 --forward --quiet < "$p"
     done
     cd "$kdir/src"
-    make -s O="$kdir/build" ARCH=x86_64 tinyconfig
+    make -s O="$kdir/build" ARCH=x86_64 tinyconfig >"$kdir/config.log" 2>&1
     "$kdir/src/scripts/kconfig/merge_config.sh" -m -O "$kdir/build" "$kdir/build/.config" "$here/guest.config" >/dev/null
-    make -s O="$kdir/build" ARCH=x86_64 olddefconfig
+    make -s O="$kdir/build" ARCH=x86_64 olddefconfig >>"$kdir/config.log" 2>&1
     # Verify every requested option stuck.
     bad=0
     while IFS= read -r line; do

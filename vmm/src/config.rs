@@ -9,8 +9,7 @@ use thiserror::Error;
 /// (the VMM reports it as a crash); `pci=off`/`8250.nr_uarts=1` skip probing hardware
 /// that does not exist; `tsc=reliable` and `no_timer_check` avoid clocksource watchdog and
 /// timer checks that are slow and flaky under a software-assisted KVM.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {

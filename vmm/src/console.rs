@@ -82,10 +82,18 @@ pub fn spawn_stdin_forwarder(serial: Arc<Mutex<SerialPort>>, events: Sender<VmEv
                 }
                 Ok(n) => n,
             };
-            let (bytes, quit) = if escapes { filter_input(&buf[..n], &mut pending) } else { (buf[..n].to_vec(), false) };
+            let (bytes, quit) = if escapes {
+                filter_input(&buf[..n], &mut pending)
+            } else {
+                (buf[..n].to_vec(), false)
+            };
             let mut rest = &bytes[..];
             while !rest.is_empty() {
-                let written = serial.lock().unwrap_or_else(|e| e.into_inner()).0.enqueue_raw_bytes(rest);
+                let written = serial
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+                    .enqueue_raw_bytes(rest);
                 match written {
                     Ok(k) if k > 0 => rest = &rest[k..],
                     // FIFO full: wait for the guest to drain it.

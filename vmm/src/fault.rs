@@ -34,7 +34,10 @@ pub fn read_guest_virt(vcpu: &VcpuFd, mem: &GuestMem, gva: u64, buf: &mut [u8]) 
         }
         let in_page = (4096 - (va & 0xfff)) as usize;
         let n = in_page.min(buf.len() - done);
-        if mem.read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address)).is_err() {
+        if mem
+            .read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address))
+            .is_err()
+        {
             break;
         }
         done += n;
@@ -68,12 +71,21 @@ pub fn decode_at_rip(vcpu: &VcpuFd, mem: &GuestMem) -> Option<DecodedInsn> {
     } else {
         16
     };
-    let rip = if bitness == 64 { regs.rip } else { sregs.cs.base.wrapping_add(regs.rip) };
+    let rip = if bitness == 64 {
+        regs.rip
+    } else {
+        sregs.cs.base.wrapping_add(regs.rip)
+    };
     let mut buf = [0u8; MAX_INSN_LEN];
     let n = read_guest_virt(vcpu, mem, rip, &mut buf);
     let (insn, text) = decode(&buf[..n], rip, bitness);
     let len = insn.map(|i| i.len()).unwrap_or(n);
-    Some(DecodedInsn { rip, bytes: buf[..len].to_vec(), insn, text })
+    Some(DecodedInsn {
+        rip,
+        bytes: buf[..len].to_vec(),
+        insn,
+        text,
+    })
 }
 
 fn hex(b: &[u8]) -> String {
@@ -96,13 +108,15 @@ pub fn report(vcpu: &VcpuFd, mem: &GuestMem, symbols: Option<&SymbolTable>, what
     let mut s = what.to_string();
     let name = |a: u64| symbols.map(|t| t.describe(a)).unwrap_or_else(|| format!("{a:#x}"));
     match decode_at_rip(vcpu, mem) {
-        Some(d) => s += &format!(
-            "\n  RIP {:#018x} ({}): `{}` [bytes {}]",
-            d.rip,
-            name(d.rip),
-            d.text,
-            hex(&d.bytes)
-        ),
+        Some(d) => {
+            s += &format!(
+                "\n  RIP {:#018x} ({}): `{}` [bytes {}]",
+                d.rip,
+                name(d.rip),
+                d.text,
+                hex(&d.bytes)
+            )
+        }
         None => s += "\n  (registers unavailable)",
     }
     if let (Ok(r), Ok(sr)) = (vcpu.get_regs(), vcpu.get_sregs()) {

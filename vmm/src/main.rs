@@ -10,7 +10,11 @@ use lucos_vmm::vm::RunOptions;
 use lucos_vmm::{Vm, VmConfig};
 
 #[derive(Parser)]
-#[command(name = "lucos-vmm", version, about = "A KVM VMM for hypervisor-assisted live updates of a Linux guest")]
+#[command(
+    name = "lucos-vmm",
+    version,
+    about = "A KVM VMM for hypervisor-assisted live updates of a Linux guest"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -36,11 +36,19 @@ pub struct SymbolTable {
 impl SymbolTable {
     /// Reads the symbols of an ELF file.
     pub fn from_elf(path: &Path) -> Result<Self, SymbolError> {
-        let data = std::fs::read(path).map_err(|source| SymbolError::Read { path: path.into(), source })?;
-        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse { path: path.into(), source })?;
+        let data = std::fs::read(path).map_err(|source| SymbolError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+            path: path.into(),
+            source,
+        })?;
         let syms: Vec<Symbol> = file
             .symbols()
-            .filter(|s| s.address() != 0 && matches!(s.kind(), SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown))
+            .filter(|s| {
+                s.address() != 0 && matches!(s.kind(), SymbolKind::Text | SymbolKind::Data | SymbolKind::Unknown)
+            })
             .filter_map(|s| {
                 Some(Symbol {
                     name: s.name().ok()?.to_string(),
@@ -82,7 +90,10 @@ impl SymbolTable {
     /// The symbol containing `addr` (or the closest one below it, for size-less symbols).
     pub fn lookup(&self, addr: u64) -> Option<(&Symbol, u64)> {
         let idx = self.by_addr.partition_point(|s| s.addr <= addr);
-        let s = self.by_addr[..idx].iter().rev().find(|s| s.size == 0 || addr < s.addr + s.size)?;
+        let s = self.by_addr[..idx]
+            .iter()
+            .rev()
+            .find(|s| s.size == 0 || addr < s.addr + s.size)?;
         if s.size == 0 && addr - s.addr > 0x10000 {
             return None;
         }
@@ -103,12 +114,21 @@ mod tests {
     use super::*;
 
     fn sym(name: &str, addr: u64, size: u64) -> Symbol {
-        Symbol { name: name.into(), addr, size, is_func: true }
+        Symbol {
+            name: name.into(),
+            addr,
+            size,
+            is_func: true,
+        }
     }
 
     #[test]
     fn lookup_by_addr_and_name() {
-        let t = SymbolTable::from_symbols(vec![sym("b", 0x2000, 0x10), sym("a", 0x1000, 0x100), sym("c", 0x3000, 0)]);
+        let t = SymbolTable::from_symbols(vec![
+            sym("b", 0x2000, 0x10),
+            sym("a", 0x1000, 0x100),
+            sym("c", 0x3000, 0),
+        ]);
         assert_eq!(t.get("a").unwrap().addr, 0x1000);
         assert_eq!(t.lookup(0x1050).unwrap().0.name, "a");
         assert_eq!(t.lookup(0x1050).unwrap().1, 0x50);

@@ -170,7 +170,10 @@ impl Vcpu {
     fn handle_internal_error(&mut self, suberror: u32) -> bool {
         let decoded = fault::decode_at_rip(&self.fd, &self.shared.mem);
         if suberror == 1 {
-            if let Some(d) = decoded.as_ref().filter(|d| d.insn.map(|i| i.code()) == Some(Code::Int3)) {
+            if let Some(d) = decoded
+                .as_ref()
+                .filter(|d| d.insn.map(|i| i.code()) == Some(Code::Int3))
+            {
                 match self.inject_breakpoint(d.rip) {
                     Ok(()) => return true,
                     Err(e) => warn!("vcpu{}: re-injecting #BP failed: {e}", self.id),

@@ -153,17 +153,28 @@ impl Vm {
         config.validate()?;
         let t0 = Instant::now();
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for cap in [Cap::Irqchip, Cap::UserMemory, Cap::SetTssAddr, Cap::Pit2, Cap::Irqfd, Cap::ImmediateExit] {
+        for cap in [
+            Cap::Irqchip,
+            Cap::UserMemory,
+            Cap::SetTssAddr,
+            Cap::Pit2,
+            Cap::Irqfd,
+            Cap::ImmediateExit,
+        ] {
             if !kvm.check_extension(cap) {
                 return Err(VmError::MissingCap(cap));
             }
         }
         let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
         vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
         vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
 
         let mem = memory::create_guest_memory(config.mem_bytes)?;
@@ -199,14 +210,19 @@ impl Vm {
         // Devices.
         let (events_tx, events) = channel();
         let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm.register_irqfd(&serial_evt, SERIAL_IRQ).map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        vm.register_irqfd(&serial_evt, SERIAL_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
         let serial = Arc::new(Mutex::new(SerialPort(Serial::new(
             EventFdTrigger(serial_evt),
             ConsoleOut::new(console_out, events_tx.clone()),
         ))));
         let mut pio = PioBus::new();
         pio.insert(SERIAL_PORT, 8, serial.clone())?;
-        pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(events_tx.clone()))))?;
+        pio.insert(
+            I8042_BASE,
+            I8042_LEN,
+            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
+        )?;
 
         let shared = Arc::new(VcpuShared {
             mem: mem.clone(),
@@ -230,11 +246,20 @@ impl Vm {
                 source: kvm_ioctls::Error::new(libc::E2BIG),
             })?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            regs::setup_vcpu(&fd, &mem, kernel.entry, cr3, id == 0).map_err(|source| VmError::Regs { cpu: id, source })?;
+            regs::setup_vcpu(&fd, &mem, kernel.entry, cr3, id == 0)
+                .map_err(|source| VmError::Regs { cpu: id, source })?;
             vcpus.push(Vcpu::new(id, fd, shared.clone()));
         }
         info!("VM built in {:?}", t0.elapsed());
-        Ok(Vm { _kvm: kvm, _vm: vm, vcpus, shared, serial, events, events_tx })
+        Ok(Vm {
+            _kvm: kvm,
+            _vm: vm,
+            vcpus,
+            shared,
+            serial,
+            events,
+            events_tx,
+        })
     }
 
     /// Runs the guest until it stops; returns why.

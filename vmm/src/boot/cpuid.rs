@@ -17,7 +17,8 @@ const ECX_HYPERVISOR: u32 = 1 << 31;
 // Leaf 1 EDX.
 const EDX_HTT: u32 = 1 << 28;
 // Leaf 7.0 EBX: AVX2, AVX512F/DQ/IFMA/PF/ER/CD/BW/VL.
-const EBX7_AVX_MASK: u32 = (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
+const EBX7_AVX_MASK: u32 =
+    (1 << 5) | (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
 // Leaf 7.0 ECX: AVX512_VBMI, VBMI2, VNNI, BITALG, VPOPCNTDQ, VAES/VPCLMULQDQ (VEX/EVEX).
 const ECX7_AVX_MASK: u32 = (1 << 1) | (1 << 6) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12) | (1 << 14);
 // Leaf 7.0 EDX: AVX512_4VNNIW/4FMAPS, AMX.
@@ -95,7 +96,16 @@ mod tests {
     use super::*;
 
     fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, flags: 0, eax, ebx, ecx, edx, ..Default::default() }
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: 0,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
     }
 
     #[test]

@@ -19,7 +19,9 @@ const PAGE_SIZE: u64 = 4096;
 pub enum LoaderError {
     #[error("cannot open kernel '{path}': {source}")]
     OpenKernel { path: PathBuf, source: std::io::Error },
-    #[error("kernel '{path}' is not a loadable x86-64 vmlinux ELF ({source}); pass the uncompressed vmlinux, not a bzImage")]
+    #[error(
+        "kernel '{path}' is not a loadable x86-64 vmlinux ELF ({source}); pass the uncompressed vmlinux, not a bzImage"
+    )]
     BadKernel {
         path: PathBuf,
         source: linux_loader::loader::Error,
@@ -49,9 +51,14 @@ pub struct LoadedKernel {
 
 /// Loads a vmlinux ELF at its physical load addresses.
 pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, LoaderError> {
-    let mut f = File::open(path).map_err(|source| LoaderError::OpenKernel { path: path.into(), source })?;
-    let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
-        .map_err(|source| LoaderError::BadKernel { path: path.into(), source })?;
+    let mut f = File::open(path).map_err(|source| LoaderError::OpenKernel {
+        path: path.into(),
+        source,
+    })?;
+    let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|source| LoaderError::BadKernel {
+        path: path.into(),
+        source,
+    })?;
     Ok(LoadedKernel {
         entry: r.kernel_load.0,
         end: r.kernel_end,
@@ -68,18 +75,22 @@ pub fn initrd_placement(size: u64, low_ram_end: u64, kernel_end: u64) -> Option<
 
 /// Loads the initrd; returns its address and size.
 pub fn load_initrd(mem: &GuestMem, path: &Path, kernel_end: u64) -> Result<(u64, u64), LoaderError> {
-    let data = std::fs::read(path).map_err(|source| LoaderError::ReadInitrd { path: path.into(), source })?;
+    let data = std::fs::read(path).map_err(|source| LoaderError::ReadInitrd {
+        path: path.into(),
+        source,
+    })?;
     if data.is_empty() {
         return Err(LoaderError::EmptyInitrd { path: path.into() });
     }
     let size = data.len() as u64;
-    let low_ram_end = mem.iter().next().map(|r| vm_memory::GuestMemoryRegion::len(r)).unwrap_or(0);
+    let low_ram_end = mem.iter().next().map(vm_memory::GuestMemoryRegion::len).unwrap_or(0);
     let addr = initrd_placement(size, low_ram_end, kernel_end).ok_or(LoaderError::InitrdTooLarge {
         size,
         limit: low_ram_end.min(INITRD_ADDR_MAX + 1),
         kernel_end,
     })?;
-    mem.write_slice(&data, GuestAddress(addr)).map_err(LoaderError::WriteInitrd)?;
+    mem.write_slice(&data, GuestAddress(addr))
+        .map_err(LoaderError::WriteInitrd)?;
     Ok((addr, size))
 }
 

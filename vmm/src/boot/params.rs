@@ -69,11 +69,23 @@ pub fn e820_map(mem_bytes: u64, reserved: &[(u64, u64)]) -> Vec<E820Entry> {
     }
     let mut map: Vec<E820Entry> = ram
         .into_iter()
-        .map(|(s, e)| E820Entry { addr: s, size: e - s, kind: E820_RAM })
+        .map(|(s, e)| E820Entry {
+            addr: s,
+            size: e - s,
+            kind: E820_RAM,
+        })
         .collect();
-    map.push(E820Entry { addr: EBDA_START, size: EBDA_END - EBDA_START, kind: E820_RESERVED });
+    map.push(E820Entry {
+        addr: EBDA_START,
+        size: EBDA_END - EBDA_START,
+        kind: E820_RESERVED,
+    });
     for &(addr, size) in reserved {
-        map.push(E820Entry { addr, size, kind: E820_RESERVED });
+        map.push(E820Entry {
+            addr,
+            size,
+            kind: E820_RESERVED,
+        });
     }
     map.sort_by_key(|e| e.addr);
     map
@@ -137,9 +149,23 @@ mod tests {
     #[test]
     fn small_guest_map() {
         let m = e820_map(512 << 20, &[]);
-        assert_eq!(m[0], E820Entry { addr: 0, size: EBDA_START, kind: E820_RAM });
+        assert_eq!(
+            m[0],
+            E820Entry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(m[1].kind, E820_RESERVED);
-        assert_eq!(m[2], E820Entry { addr: HIMEM_START, size: (512 << 20) - HIMEM_START, kind: E820_RAM });
+        assert_eq!(
+            m[2],
+            E820Entry {
+                addr: HIMEM_START,
+                size: (512 << 20) - HIMEM_START,
+                kind: E820_RAM
+            }
+        );
         assert_eq!(m.len(), 3);
     }
 
@@ -148,7 +174,9 @@ mod tests {
         let m = e820_map(6 << 30, &[]);
         let high = m.iter().find(|e| e.addr == MMIO_GAP_END).unwrap();
         assert_eq!(high.size, (6 << 30) - MMIO_GAP_START);
-        assert!(m.iter().all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
+        assert!(m
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO_GAP_START || e.addr >= MMIO_GAP_END));
     }
 
     #[test]
@@ -156,7 +184,11 @@ mod tests {
         let mem = 512u64 << 20;
         let res = (mem - (16 << 20), 16 << 20);
         let m = e820_map(mem, &[res]);
-        assert!(m.contains(&E820Entry { addr: res.0, size: res.1, kind: E820_RESERVED }));
+        assert!(m.contains(&E820Entry {
+            addr: res.0,
+            size: res.1,
+            kind: E820_RESERVED
+        }));
         assert_eq!(total(&m, E820_RAM), EBDA_START + mem - HIMEM_START - res.1);
         // No RAM entry overlaps the reserved one.
         assert!(m
@@ -168,8 +200,16 @@ mod tests {
     #[test]
     fn boot_params_fields() {
         let e820 = e820_map(256 << 20, &[]);
-        let p = build_boot_params(&e820, 0x20000, 100, Some(InitrdLocation { addr: 0x800_0000, size: 4096 }))
-            .unwrap();
+        let p = build_boot_params(
+            &e820,
+            0x20000,
+            100,
+            Some(InitrdLocation {
+                addr: 0x800_0000,
+                size: 4096,
+            }),
+        )
+        .unwrap();
         assert_eq!({ p.hdr.header }, KERNEL_HDR_MAGIC);
         assert_eq!({ p.hdr.boot_flag }, KERNEL_BOOT_FLAG_MAGIC);
         assert_eq!({ p.hdr.cmd_line_ptr }, 0x20000);

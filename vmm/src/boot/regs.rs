@@ -98,7 +98,11 @@ pub fn boot_sregs(mem: &GuestMem, mut sregs: kvm_sregs, cr3: u64) -> Result<kvm_
 
 /// MSR values at boot.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let e = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     vec![
         e(MSR_IA32_SYSENTER_CS, 0),
         e(MSR_IA32_SYSENTER_ESP, 0),
@@ -122,7 +126,10 @@ pub fn setup_vcpu(vcpu: &VcpuFd, mem: &GuestMem, entry: u64, cr3: u64, boot: boo
     let list = Msrs::from_entries(&msrs).map_err(RegsError::MsrList)?;
     let set = vcpu.set_msrs(&list).map_err(kvm("KVM_SET_MSRS"))?;
     if set != msrs.len() {
-        return Err(RegsError::Msrs { set, wanted: msrs.len() });
+        return Err(RegsError::Msrs {
+            set,
+            wanted: msrs.len(),
+        });
     }
     let fpu = kvm_fpu {
         fcw: 0x37f,
@@ -144,7 +151,12 @@ pub fn setup_vcpu(vcpu: &VcpuFd, mem: &GuestMem, entry: u64, cr3: u64, boot: boo
 fn set_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     let mut lapic = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     let get = |regs: &[std::os::raw::c_char], off: usize| {
-        u32::from_le_bytes([regs[off] as u8, regs[off + 1] as u8, regs[off + 2] as u8, regs[off + 3] as u8])
+        u32::from_le_bytes([
+            regs[off] as u8,
+            regs[off + 1] as u8,
+            regs[off + 2] as u8,
+            regs[off + 3] as u8,
+        ])
     };
     let put = |regs: &mut [std::os::raw::c_char], off: usize, v: u32| {
         for (i, b) in v.to_le_bytes().iter().enumerate() {

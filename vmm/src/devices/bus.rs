@@ -59,7 +59,11 @@ impl PioBus {
 
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match self.find(port) {
-            Some(r) => r.dev.lock().unwrap_or_else(|e| e.into_inner()).read(port - r.base, data),
+            Some(r) => r
+                .dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .read(port - r.base, data),
             None => {
                 data.fill(0);
                 debug!("unclaimed port read {port:#x} ({} bytes)", data.len());
@@ -69,7 +73,11 @@ impl PioBus {
 
     pub fn write(&self, port: u16, data: &[u8]) {
         match self.find(port) {
-            Some(r) => r.dev.lock().unwrap_or_else(|e| e.into_inner()).write(port - r.base, data),
+            Some(r) => r
+                .dev
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(port - r.base, data),
             None => debug!("unclaimed port write {port:#x} = {data:02x?}"),
         }
     }
@@ -93,7 +101,10 @@ mod tests {
     fn dispatch_and_overlap() {
         let mut bus = PioBus::new();
         bus.insert(0x10, 4, Arc::new(Mutex::new(Reg(5)))).unwrap();
-        assert_eq!(bus.insert(0x12, 4, Arc::new(Mutex::new(Reg(0)))), Err(OverlapError { base: 0x12, len: 4 }));
+        assert_eq!(
+            bus.insert(0x12, 4, Arc::new(Mutex::new(Reg(0)))),
+            Err(OverlapError { base: 0x12, len: 4 })
+        );
         bus.insert(0x14, 1, Arc::new(Mutex::new(Reg(9)))).unwrap();
         let mut b = [0xffu8];
         bus.read(0x12, &mut b);

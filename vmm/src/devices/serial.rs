@@ -36,7 +36,11 @@ pub const POWER_DOWN_MARKER: &str = "reboot: Power down";
 
 impl ConsoleOut {
     pub fn new(out: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Self {
-        Self { out, line: Vec::with_capacity(256), events }
+        Self {
+            out,
+            line: Vec::with_capacity(256),
+            events,
+        }
     }
 
     fn check_line(&mut self) {
@@ -99,7 +103,8 @@ mod tests {
     fn monitor_spots_panic_and_poweroff() {
         let (tx, rx) = std::sync::mpsc::channel();
         let mut c = ConsoleOut::new(Box::new(std::io::sink()), tx);
-        c.write_all(b"[    1.0] Kernel panic - not syncing: VFS: Unable to mount root\r\n").unwrap();
+        c.write_all(b"[    1.0] Kernel panic - not syncing: VFS: Unable to mount root\r\n")
+            .unwrap();
         match rx.try_recv() {
             Ok(VmEvent::Panic(s)) => assert!(s.starts_with(PANIC_MARKER) && s.ends_with("root"), "{s}"),
             other => panic!("{other:?}"),

@@ -1,0 +1,90 @@
+//! Helpers for tests that boot the real guest built by images/build.sh.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Generous limit so a wedged guest fails the test instead of hanging CI.
+pub const BOOT_TIMEOUT_SECS: u64 = 300;
+
+/// The images folder: $LUCOS_IMAGES or <workspace>/images/out.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("LUCOS_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../images/out"))
+}
+
+/// vmlinux and initramfs paths; panics with instructions when they are missing.
+pub fn images() -> (PathBuf, PathBuf) {
+    let d = images_dir();
+    let (k, i) = (d.join("vmlinux"), d.join("initramfs.cpio"));
+    assert!(
+        k.exists() && i.exists(),
+        "guest images not found in {}: run images/build.sh first",
+        d.display()
+    );
+    (k, i)
+}
+
+pub fn vmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_lucos-vmm"))
+}
+
+/// Result of one boot.
+pub struct Boot {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Boot {
+    /// Console lines the guest's init printed (`lucos-init: ...`), and everything else.
+    pub fn line_with(&self, needle: &str) -> Option<&str> {
+        self.stdout.lines().find(|l| l.contains(needle))
+    }
+
+    pub fn dump(&self) -> String {
+        format!(
+            "exit {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+impl From<Output> for Boot {
+    fn from(o: Output) -> Self {
+        Boot {
+            code: o.status.code(),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+}
+
+/// Boots the guest with `vcpus` vCPUs; `run` is a shell command for the guest's init
+/// (spaces allowed; it is encoded for the kernel command line).
+pub fn boot(vcpus: u8, run: &str, extra: &[&str]) -> Boot {
+    boot_with_timeout(vcpus, run, BOOT_TIMEOUT_SECS, extra)
+}
+
+/// Like [`boot`] with an explicit `--timeout`.
+pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> Boot {
+    let (k, i) = images();
+    let encoded = run.replace(' ', "+");
+    assert!(!encoded.contains('"'), "keep guest commands free of double quotes");
+    let out = vmm()
+        .args(["run", "--kernel"])
+        .arg(&k)
+        .arg("--initrd")
+        .arg(&i)
+        .args(["--vcpus", &vcpus.to_string(), "--mem", "256M", "--no-stdin"])
+        .args(["--timeout", &timeout.to_string()])
+        .arg("--append")
+        .arg(format!("lucos.run={encoded}"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn lucos-vmm");
+    out.into()
+}
