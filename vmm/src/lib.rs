@@ -19,11 +19,13 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod fault;
+pub mod introspect;
 pub mod layout;
 pub mod memory;
+pub mod pause;
 pub mod symbols;
 pub mod vcpu;
 pub mod vm;
 
 pub use config::VmConfig;
-pub use vm::{ExitReason, Vm, VmError};
+pub use vm::{ExitReason, Vm, VmError, VmHandle};

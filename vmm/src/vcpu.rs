@@ -19,6 +19,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::devices::PioBus;
 use crate::fault;
 use crate::memory::GuestMem;
+use crate::pause::{PauseControl, VcpuSnapshot};
 use crate::symbols::SymbolTable;
 use crate::vm::VmEvent;
 
@@ -53,6 +54,18 @@ pub struct VcpuShared {
     pub events: Sender<VmEvent>,
     pub stop: AtomicBool,
     pub symbols: Option<Arc<SymbolTable>>,
+    pub pause: PauseControl,
+}
+
+/// Sends the kick signal to a vCPU thread.
+pub fn kick_thread(thread: libc::pthread_t) {
+    // SAFETY: `thread` is the pthread id of a vCPU thread that is joined only after the VM's
+    // stop flag is set and all pausers are gone; pthread_kill has no memory-safety
+    // preconditions beyond a valid thread id.
+    let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
+    if rc != 0 {
+        debug!("pthread_kill failed: {rc}");
+    }
 }
 
 /// One vCPU.
@@ -87,6 +100,10 @@ impl Vcpu {
         KVM_RUN_PTR.with(|c| c.set(p));
         while !self.shared.stop.load(Ordering::Acquire) {
             let next = self.run_once();
+            if self.shared.pause.is_requested() {
+                let snap = self.snapshot();
+                self.shared.pause.park(snap, &self.shared.stop);
+            }
             match next {
                 Next::Continue => {}
                 Next::Stop => break,
@@ -104,6 +121,21 @@ impl Vcpu {
         }
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         debug!("vcpu{} stopped", self.id);
+    }
+
+    fn snapshot(&self) -> VcpuSnapshot {
+        let mut s = VcpuSnapshot {
+            id: self.id,
+            ..Default::default()
+        };
+        if let Ok(r) = self.fd.get_regs() {
+            (s.rip, s.rsp, s.rflags) = (r.rip, r.rsp, r.rflags);
+        }
+        if let Ok(sr) = self.fd.get_sregs() {
+            s.cr3 = sr.cr3;
+            s.kernel_mode = sr.cs.selector & 3 == 0;
+        }
+        s
     }
 
     fn run_once(&mut self) -> Next {

@@ -1,6 +1,7 @@
 //! Builds the VM from a [`VmConfig`] and runs it until the guest stops.
 
 use std::io::Write;
+use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,7 @@ use crate::devices::serial::{ConsoleOut, EventFdTrigger, SerialPort};
 use crate::devices::PioBus;
 use crate::layout::{CMDLINE_START, SERIAL_IRQ, SERIAL_PORT};
 use crate::memory::{self, GuestMem};
+use crate::pause::{PauseControl, PauseError, Paused};
 use crate::symbols::SymbolTable;
 use crate::vcpu::{self, Vcpu, VcpuShared};
 
@@ -230,6 +232,7 @@ impl Vm {
             events: events_tx.clone(),
             stop: std::sync::atomic::AtomicBool::new(false),
             symbols,
+            pause: PauseControl::new(config.vcpus as usize),
         });
 
         // vCPUs.
@@ -280,6 +283,9 @@ impl Vm {
                 }
             }
         }
+        self.shared
+            .pause
+            .set_threads(handles.iter().map(|h| h.as_pthread_t() as libc::pthread_t).collect());
         let reason = wait_for_exit(&self.events, opts.timeout);
         stop_vcpus(&self.shared, &handles);
         join_all(handles);
@@ -324,6 +330,7 @@ fn wait_for_exit(events: &Receiver<VmEvent>, timeout: Option<Duration>) -> ExitR
 
 fn stop_vcpus(shared: &VcpuShared, handles: &[JoinHandle<()>]) {
     shared.stop.store(true, Ordering::Release);
+    shared.pause.wake_all();
     for h in handles {
         if let Err(e) = h.kill(vcpu::kick_signal()) {
             warn!("kicking a vCPU thread failed: {e}");
@@ -337,7 +344,33 @@ fn join_all(handles: Vec<JoinHandle<()>>) {
     }
 }
 
-/// Keeps `GuestMem` reachable for callers that want to inspect the guest later.
-pub fn guest_memory(vm: &Vm) -> &GuestMem {
-    &vm.shared.mem
+/// A handle on a running VM for code outside the vCPU threads (the update server):
+/// guest memory, kernel symbols, and stopping the world.
+#[derive(Clone)]
+pub struct VmHandle {
+    shared: Arc<VcpuShared>,
+}
+
+impl VmHandle {
+    pub fn memory(&self) -> &GuestMem {
+        &self.shared.mem
+    }
+
+    pub fn symbols(&self) -> Option<&SymbolTable> {
+        self.shared.symbols.as_deref()
+    }
+
+    /// Parks every vCPU outside KVM_RUN; they resume when the guard drops.
+    pub fn pause(&self, timeout: Duration) -> Result<Paused<'_>, PauseError> {
+        self.shared.pause.pause(timeout, &self.shared.stop, vcpu::kick_thread)
+    }
+}
+
+impl Vm {
+    /// A handle usable while (and after) the VM runs.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            shared: self.shared.clone(),
+        }
+    }
 }

@@ -1,0 +1,145 @@
+//! Kernel struct layouts from the BTF in the vmlinux `.BTF` section (btf-rs), so the VMM
+//! finds `task_struct` fields without hard-coding offsets for one kernel build.
+
+use std::path::{Path, PathBuf};
+
+use btf_rs::{Btf, Struct, Type};
+use object::{Object, ObjectSection};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BtfError {
+    #[error("cannot read '{path}': {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("'{path}' is not an ELF file: {source}")]
+    Elf { path: PathBuf, source: object::Error },
+    #[error("'{path}' has no .BTF section: build the guest kernel with CONFIG_DEBUG_INFO_BTF=y (needs pahole)")]
+    Missing { path: PathBuf },
+    #[error("the .BTF section of '{path}' is invalid: {source}")]
+    Parse { path: PathBuf, source: btf_rs::Error },
+    #[error("BTF has no struct '{0}'")]
+    NoStruct(String),
+    #[error("BTF struct '{strukt}' has no member '{member}'")]
+    NoMember { strukt: String, member: String },
+    #[error("BTF member '{0}' is a bitfield or not byte aligned")]
+    Bitfield(String),
+}
+
+/// The kernel's BTF.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    /// Reads BTF from a vmlinux ELF.
+    pub fn from_vmlinux(path: &Path) -> Result<Self, BtfError> {
+        let data = std::fs::read(path).map_err(|source| BtfError::Read {
+            path: path.into(),
+            source,
+        })?;
+        let elf = object::File::parse(&*data).map_err(|source| BtfError::Elf {
+            path: path.into(),
+            source,
+        })?;
+        let sec = elf
+            .section_by_name(".BTF")
+            .ok_or_else(|| BtfError::Missing { path: path.into() })?;
+        let bytes = sec.data().map_err(|source| BtfError::Elf {
+            path: path.into(),
+            source,
+        })?;
+        let btf = Btf::from_bytes(bytes).map_err(|source| BtfError::Parse {
+            path: path.into(),
+            source,
+        })?;
+        Ok(Self { btf })
+    }
+
+    fn strukt(&self, name: &str) -> Result<Struct, BtfError> {
+        let types = self
+            .btf
+            .resolve_types_by_name(name)
+            .map_err(|_| BtfError::NoStruct(name.into()))?;
+        types
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) if s.size() > 0 => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| BtfError::NoStruct(name.into()))
+    }
+
+    /// Follows typedefs and qualifiers.
+    fn strip(&self, mut t: Type) -> Type {
+        loop {
+            let next = match &t {
+                Type::Typedef(x) => self.btf.resolve_chained_type(x),
+                Type::Const(x) | Type::Volatile(x) | Type::Restrict(x) => self.btf.resolve_chained_type(x),
+                Type::TypeTag(x) => self.btf.resolve_chained_type(x),
+                _ => return t,
+            };
+            match next {
+                Ok(n) => t = n,
+                Err(_) => return t,
+            }
+        }
+    }
+
+    /// Finds `name` among `s`'s members, looking into anonymous struct/union members.
+    /// Returns the bit offset and the member's type.
+    fn find_member(&self, s: &Struct, name: &str) -> Option<(u32, Type)> {
+        for m in &s.members {
+            let mname = self.btf.resolve_name(m).unwrap_or_default();
+            let ty = self.btf.resolve_chained_type(m).ok()?;
+            if mname == name {
+                return Some((m.bit_offset(), ty));
+            }
+            if mname.is_empty() {
+                if let Type::Struct(inner) | Type::Union(inner) = self.strip(ty) {
+                    if let Some((off, t)) = self.find_member(&inner, name) {
+                        return Some((m.bit_offset() + off, t));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Byte offset of a member path like `thread.sp` inside `struct strukt`.
+    pub fn offset_of(&self, strukt: &str, path: &str) -> Result<u64, BtfError> {
+        let mut cur = self.strukt(strukt)?;
+        let mut cur_name = strukt.to_string();
+        let mut bits = 0u64;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let (off, ty) = self.find_member(&cur, part).ok_or_else(|| BtfError::NoMember {
+                strukt: cur_name.clone(),
+                member: part.to_string(),
+            })?;
+            bits += off as u64;
+            if i + 1 < parts.len() {
+                match self.strip(ty) {
+                    Type::Struct(s) | Type::Union(s) => {
+                        cur_name = self.btf.resolve_name(&s).unwrap_or_default();
+                        cur = s;
+                    }
+                    _ => {
+                        return Err(BtfError::NoMember {
+                            strukt: part.to_string(),
+                            member: parts[i + 1].to_string(),
+                        })
+                    }
+                }
+            }
+        }
+        if !bits.is_multiple_of(8) {
+            return Err(BtfError::Bitfield(path.into()));
+        }
+        Ok(bits / 8)
+    }
+
+    /// Size of `struct name`.
+    pub fn size_of(&self, name: &str) -> Result<u64, BtfError> {
+        Ok(self.strukt(name)?.size() as u64)
+    }
+}
