@@ -1,7 +1,11 @@
 //! Looking into the running guest from outside: guest-virtual memory access through the
-//! guest's own page tables, and (later) kernel data structures via BTF.
+//! guest's own page tables, the kernel's symbols and struct layouts (BTF), and its tasks.
 
 pub mod btf;
+pub mod kernel;
 pub mod pagewalk;
+pub mod tasks;
 
+pub use kernel::GuestKernel;
 pub use pagewalk::{GuestVirt, WalkError};
+pub use tasks::{list_tasks, TaskInfo};

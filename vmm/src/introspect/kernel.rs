@@ -1,0 +1,149 @@
+//! A view of the running guest kernel: its symbols, its struct layouts (BTF) and memory
+//! by kernel-virtual address through the kernel's own top-level page table
+//! (`init_top_pgt`), which maps every kernel address and needs no vCPU.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use thiserror::Error;
+
+use super::btf::{BtfError, KernelBtf};
+use super::pagewalk::{GuestVirt, WalkError};
+use crate::memory::GuestMem;
+use crate::symbols::{SymbolError, SymbolTable};
+
+/// `__START_KERNEL_map`: kernel text/data are mapped at this virtual base.
+pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("kernel symbol '{0}' not found in the vmlinux")]
+    NoSymbol(String),
+    #[error(transparent)]
+    Walk(#[from] WalkError),
+    #[error("the running guest does not match the vmlinux: {0}")]
+    Mismatch(String),
+}
+
+/// Field offsets the task walker needs, from BTF.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskLayout {
+    pub tasks: u64,
+    pub thread_group: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    pub stack: u64,
+    pub state: u64,
+    pub thread_sp: u64,
+    pub on_cpu: u64,
+}
+
+impl TaskLayout {
+    pub fn from_btf(btf: &KernelBtf) -> Result<Self, BtfError> {
+        let o = |f: &str| btf.offset_of("task_struct", f);
+        Ok(Self {
+            tasks: o("tasks")?,
+            thread_group: o("thread_group")?,
+            pid: o("pid")?,
+            tgid: o("tgid")?,
+            comm: o("comm")?,
+            stack: o("stack")?,
+            state: o("__state")?,
+            thread_sp: o("thread.sp")?,
+            on_cpu: o("on_cpu")?,
+        })
+    }
+}
+
+/// Symbols + layouts of the guest kernel.
+pub struct GuestKernel {
+    pub symbols: Arc<SymbolTable>,
+    pub btf: KernelBtf,
+    pub tasks: TaskLayout,
+    /// Guest-physical address of `init_top_pgt`.
+    pub kernel_cr3: u64,
+}
+
+impl GuestKernel {
+    /// Loads symbols and BTF from the vmlinux the guest was booted with.
+    pub fn from_vmlinux(path: &Path) -> Result<Self, KernelError> {
+        let symbols = Arc::new(SymbolTable::from_elf(path)?);
+        Self::with_symbols(path, symbols)
+    }
+
+    /// Like [`from_vmlinux`](Self::from_vmlinux) with an already loaded symbol table.
+    pub fn with_symbols(path: &Path, symbols: Arc<SymbolTable>) -> Result<Self, KernelError> {
+        let btf = KernelBtf::from_vmlinux(path)?;
+        let tasks = TaskLayout::from_btf(&btf)?;
+        let pgt = symbols
+            .get("init_top_pgt")
+            .ok_or_else(|| KernelError::NoSymbol("init_top_pgt".into()))?
+            .addr;
+        Ok(Self {
+            symbols,
+            btf,
+            tasks,
+            kernel_cr3: pgt - START_KERNEL_MAP,
+        })
+    }
+
+    pub fn sym(&self, name: &str) -> Result<u64, KernelError> {
+        self.symbols
+            .get(name)
+            .map(|s| s.addr)
+            .ok_or_else(|| KernelError::NoSymbol(name.into()))
+    }
+
+    /// Kernel-virtual memory of the guest.
+    pub fn virt<'a>(&self, mem: &'a GuestMem) -> GuestVirt<'a> {
+        GuestVirt::new(mem, self.kernel_cr3)
+    }
+
+    /// Checks that the running guest is the kernel these symbols describe: `linux_banner`
+    /// in guest memory must equal the one in the vmlinux.
+    pub fn verify(&self, mem: &GuestMem, vmlinux_banner: &[u8]) -> Result<(), KernelError> {
+        let addr = self.sym("linux_banner")?;
+        let mut buf = vec![0u8; vmlinux_banner.len()];
+        self.virt(mem).read(addr, &mut buf)?;
+        if buf != vmlinux_banner {
+            return Err(KernelError::Mismatch(format!(
+                "linux_banner differs: guest has {:?}",
+                String::from_utf8_lossy(&buf).trim_end_matches('\0')
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Reads `linux_banner`'s bytes from the vmlinux file itself.
+pub fn banner_from_vmlinux(path: &Path, symbols: &SymbolTable) -> Result<Vec<u8>, KernelError> {
+    use object::{Object, ObjectSection};
+    let data = std::fs::read(path).map_err(|source| SymbolError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let elf = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+        path: path.into(),
+        source,
+    })?;
+    let s = symbols
+        .get("linux_banner")
+        .ok_or_else(|| KernelError::NoSymbol("linux_banner".into()))?;
+    for sec in elf.sections() {
+        let (start, size) = (sec.address(), sec.size());
+        if s.addr >= start && s.addr + s.size <= start + size {
+            let bytes = sec.data().map_err(|source| SymbolError::Parse {
+                path: path.into(),
+                source,
+            })?;
+            let off = (s.addr - start) as usize;
+            return Ok(bytes[off..off + s.size as usize].to_vec());
+        }
+    }
+    Err(KernelError::NoSymbol("linux_banner (no section holds it)".into()))
+}
