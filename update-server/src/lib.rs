@@ -18,3 +18,6 @@
 //! - `stack`: stack inspection over every guest task and vCPU to decide commit.
 //! - `rollback`: the reverse transition.
 //! - `service`: the request loop tying these together (`lucosctl apply|list|status|rollback`).
+
+pub mod link;
+pub mod module;

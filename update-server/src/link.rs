@@ -1,0 +1,186 @@
+//! Linking a patch module at its guest address: section layout inside the patch region
+//! and x86-64 relocations against module and guest-kernel symbols.
+
+use object::elf;
+use thiserror::Error;
+
+use crate::module::{PatchModule, SymbolPlace};
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("unresolved symbol '{0}': not in the module and not in the guest kernel's symbol table")]
+    Unresolved(String),
+    #[error("symbol '{name}' is defined in section '{section}', which is not loaded")]
+    NotLoaded { name: String, section: String },
+    #[error("relocation type {r_type} ({name}) is not supported (symbol '{symbol}')")]
+    UnsupportedType {
+        r_type: u32,
+        name: &'static str,
+        symbol: String,
+    },
+    #[error("relocation against '{symbol}' ({name}) overflows: value {value:#x}")]
+    Overflow {
+        symbol: String,
+        name: &'static str,
+        value: i128,
+    },
+    #[error("relocation at {section}+{offset:#x} lies outside the section")]
+    OutOfBounds { section: String, offset: u64 },
+    #[error("module needs {need} bytes, the patch region has {have} free")]
+    NoSpace { need: u64, have: u64 },
+}
+
+fn r_name(t: u32) -> &'static str {
+    match t {
+        elf::R_X86_64_64 => "R_X86_64_64",
+        elf::R_X86_64_PC32 => "R_X86_64_PC32",
+        elf::R_X86_64_PLT32 => "R_X86_64_PLT32",
+        elf::R_X86_64_32 => "R_X86_64_32",
+        elf::R_X86_64_32S => "R_X86_64_32S",
+        elf::R_X86_64_PC64 => "R_X86_64_PC64",
+        elf::R_X86_64_GOTPCREL => "R_X86_64_GOTPCREL",
+        elf::R_X86_64_GOTPCRELX => "R_X86_64_GOTPCRELX",
+        elf::R_X86_64_REX_GOTPCRELX => "R_X86_64_REX_GOTPCRELX",
+        elf::R_X86_64_NONE => "R_X86_64_NONE",
+        _ => "unknown",
+    }
+}
+
+/// Section placement: offset of each loaded section from the image start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub offsets: Vec<u64>,
+    pub size: u64,
+}
+
+fn align_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+/// Lays sections out back to back, honouring alignment; code first.
+pub fn layout(m: &PatchModule) -> Layout {
+    let mut offsets = vec![0; m.sections.len()];
+    let mut cur = 0u64;
+    let mut order: Vec<usize> = (0..m.sections.len()).collect();
+    order.sort_by_key(|&i| !m.sections[i].exec);
+    for i in order {
+        let s = &m.sections[i];
+        cur = align_up(cur, s.align.max(16));
+        offsets[i] = cur;
+        cur += s.data.len() as u64;
+    }
+    Layout {
+        offsets,
+        size: align_up(cur, 4096),
+    }
+}
+
+/// A linked module image ready to be copied to `base`.
+#[derive(Debug, Clone)]
+pub struct Linked {
+    pub base: u64,
+    pub image: Vec<u8>,
+    pub layout: Layout,
+    /// Kernel symbols the module referenced, resolved.
+    pub kernel_refs: Vec<(String, u64)>,
+}
+
+impl Linked {
+    /// Guest address of `offset` within loaded section `load_idx`.
+    pub fn addr_of(&self, load_idx: usize, offset: u64) -> u64 {
+        self.base + self.layout.offsets[load_idx] + offset
+    }
+}
+
+/// Links `m` to run at guest-virtual `base`; `kernel` resolves kernel symbol names.
+pub fn link(m: &PatchModule, base: u64, kernel: &dyn Fn(&str) -> Option<u64>) -> Result<Linked, LinkError> {
+    let layout = layout(m);
+    let mut image = vec![0u8; layout.size as usize];
+    for (i, s) in m.sections.iter().enumerate() {
+        let o = layout.offsets[i] as usize;
+        image[o..o + s.data.len()].copy_from_slice(&s.data);
+    }
+    let mut kernel_refs = Vec::new();
+    for r in &m.relocs {
+        let sym = match &r.target {
+            SymbolPlace::Section { load_idx, offset } => base + layout.offsets[*load_idx] + offset,
+            SymbolPlace::Absolute(v) => *v,
+            SymbolPlace::Kernel(name) => {
+                let v = kernel(name).ok_or_else(|| LinkError::Unresolved(name.clone()))?;
+                if !kernel_refs.iter().any(|(n, _)| n == name) {
+                    kernel_refs.push((name.clone(), v));
+                }
+                v
+            }
+            SymbolPlace::NotLoaded(section) => {
+                return Err(LinkError::NotLoaded {
+                    name: r.name.clone(),
+                    section: section.clone(),
+                })
+            }
+        };
+        let sec = &m.sections[r.load_idx];
+        let place_off = layout.offsets[r.load_idx] + r.offset;
+        let p = base + place_off;
+        let s_plus_a = (sym as i128) + r.addend as i128;
+        let (bytes, width): ([u8; 8], usize) = match r.r_type {
+            elf::R_X86_64_NONE => continue,
+            elf::R_X86_64_64 => ((s_plus_a as u64).to_le_bytes(), 8),
+            elf::R_X86_64_PC64 => (((s_plus_a - p as i128) as u64).to_le_bytes(), 8),
+            elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 => {
+                let v = s_plus_a - p as i128;
+                if v < i32::MIN as i128 || v > i32::MAX as i128 {
+                    return Err(LinkError::Overflow {
+                        symbol: r.name.clone(),
+                        name: r_name(r.r_type),
+                        value: v,
+                    });
+                }
+                ((v as i64 as u64).to_le_bytes(), 4)
+            }
+            elf::R_X86_64_32S => {
+                // The 64-bit value must equal the sign extension of its low 32 bits.
+                let sx = s_plus_a as u64 as i64;
+                if sx < i32::MIN as i64 || sx > i32::MAX as i64 {
+                    return Err(LinkError::Overflow {
+                        symbol: r.name.clone(),
+                        name: r_name(r.r_type),
+                        value: s_plus_a,
+                    });
+                }
+                ((sx as u64).to_le_bytes(), 4)
+            }
+            elf::R_X86_64_32 => {
+                if s_plus_a < 0 || s_plus_a > u32::MAX as i128 {
+                    return Err(LinkError::Overflow {
+                        symbol: r.name.clone(),
+                        name: r_name(r.r_type),
+                        value: s_plus_a,
+                    });
+                }
+                ((s_plus_a as u64).to_le_bytes(), 4)
+            }
+            t => {
+                return Err(LinkError::UnsupportedType {
+                    r_type: t,
+                    name: r_name(t),
+                    symbol: r.name.clone(),
+                });
+            }
+        };
+        if r.offset + width as u64 > sec.data.len() as u64 {
+            return Err(LinkError::OutOfBounds {
+                section: sec.name.clone(),
+                offset: r.offset,
+            });
+        }
+        let o = place_off as usize;
+        image[o..o + width].copy_from_slice(&bytes[..width]);
+    }
+    Ok(Linked {
+        base,
+        image,
+        layout,
+        kernel_refs,
+    })
+}

@@ -1,0 +1,330 @@
+//! Parsing a patch module: an ELF relocatable `.ko` built by kbuild with the lucos header.
+//! We keep the allocatable code/data sections, the module's symbols, the relocations that
+//! apply to kept sections, and the `.lucos.*` records.
+
+use object::elf;
+use object::read::elf::{ElfFile64, FileHeader, SectionHeader};
+use object::{Endianness, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex};
+use thiserror::Error;
+
+/// Size of a name field in the lucos records (LUCOS_NAME_MAX in lucos.h).
+pub const NAME_MAX: usize = 128;
+const REPLACE_RECORD: usize = 2 * NAME_MAX + 8;
+const INFO_RECORD: usize = 4 + NAME_MAX + 256;
+pub const ABI_VERSION: u32 = 1;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ModuleError {
+    #[error("not an x86-64 ELF relocatable object: {0}")]
+    NotElf(String),
+    #[error("module has no .lucos.replace records: it replaces nothing (use LUCOS_REPLACE from lucos.h)")]
+    NoReplacements,
+    #[error("malformed {section} section: size {size} is not a multiple of the {record}-byte record")]
+    BadRecords { section: String, size: u64, record: usize },
+    #[error("lucos ABI version {0} is not supported (expected {ABI_VERSION})")]
+    AbiVersion(u32),
+    #[error("record field is not a NUL-terminated name")]
+    BadName,
+    #[error("replacement function '{0}' is not defined in the module's code")]
+    NoNewFunction(String),
+    #[error("module uses {0}, which needs in-kernel registration lucos cannot do from outside the guest")]
+    Unsupported(String),
+    #[error("relocation in {section} at {offset:#x}: {what}")]
+    BadRelocation { section: String, offset: u64, what: String },
+}
+
+/// A section copied into the guest.
+#[derive(Debug, Clone)]
+pub struct LoadSection {
+    pub index: SectionIndex,
+    pub name: String,
+    /// Contents (zeros for NOBITS).
+    pub data: Vec<u8>,
+    pub align: u64,
+    pub exec: bool,
+    pub write: bool,
+}
+
+/// Where a module symbol lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SymbolPlace {
+    /// Defined in loaded section `load_idx` at `offset`.
+    Section { load_idx: usize, offset: u64 },
+    /// Undefined: resolved against the guest kernel.
+    Kernel(String),
+    /// Absolute value.
+    Absolute(u64),
+    /// Defined in a section that is not loaded (e.g. .init.text, .modinfo).
+    NotLoaded(String),
+}
+
+/// One relocation to apply.
+#[derive(Debug, Clone)]
+pub struct Reloc {
+    /// Index into `sections` of the section being patched.
+    pub load_idx: usize,
+    pub offset: u64,
+    /// ELF r_type (R_X86_64_*).
+    pub r_type: u32,
+    pub target: SymbolPlace,
+    pub addend: i64,
+    /// Symbol name for messages.
+    pub name: String,
+}
+
+/// One `LUCOS_REPLACE` record, with the new function's place in the module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replace {
+    pub old_name: String,
+    pub new_name: String,
+    pub new_load_idx: usize,
+    pub new_offset: u64,
+}
+
+/// A parsed patch module.
+#[derive(Debug, Clone)]
+pub struct PatchModule {
+    pub name: String,
+    pub description: String,
+    pub sections: Vec<LoadSection>,
+    pub relocs: Vec<Reloc>,
+    pub replaces: Vec<Replace>,
+    pub warnings: Vec<String>,
+}
+
+/// Sections that kbuild or the compiler add but that only matter to the in-kernel module
+/// loader (or to kernel-wide patching passes), and that lucos does not load.
+fn skipped(name: &str) -> bool {
+    const PREFIXES: &[&str] = &[
+        ".modinfo",
+        "__versions",
+        ".gnu.linkonce.this_module",
+        ".note",
+        "__mcount_loc",
+        ".orc_unwind",
+        ".return_sites",
+        ".retpoline_sites",
+        ".call_sites",
+        ".ibt_endbr_seal",
+        "__patchable_function_entries",
+        ".static_call_sites",
+        ".init.",
+        ".exit.",
+        ".lucos.",
+        ".comment",
+        "__ksymtab",
+        "__kcrctab",
+        ".discard",
+        ".altinstr_aux",
+        ".smp_locks",
+        ".eh_frame",
+    ];
+    PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Sections whose presence means code that needs registration with the guest kernel.
+fn unsupported(name: &str) -> Option<&'static str> {
+    match name {
+        "__ex_table" => Some("exception tables (__ex_table: user-memory accessors)"),
+        "__bug_table" => Some("BUG()/WARN() tables (__bug_table)"),
+        "__param" => Some("module parameters (__param)"),
+        _ => None,
+    }
+}
+
+fn cstr(b: &[u8]) -> Result<String, ModuleError> {
+    let end = b.iter().position(|&c| c == 0).ok_or(ModuleError::BadName)?;
+    String::from_utf8(b[..end].to_vec()).map_err(|_| ModuleError::BadName)
+}
+
+impl PatchModule {
+    /// Parses a `.ko` (without any signature trailer).
+    pub fn parse(data: &[u8]) -> Result<Self, ModuleError> {
+        let file = ElfFile64::<Endianness>::parse(data).map_err(|e| ModuleError::NotElf(e.to_string()))?;
+        let hdr = file.elf_header();
+        let e = file.endian();
+        if hdr.e_type(e) != elf::ET_REL || hdr.e_machine(e) != elf::EM_X86_64 {
+            return Err(ModuleError::NotElf(format!(
+                "e_type {} e_machine {} (want ET_REL, EM_X86_64)",
+                hdr.e_type(e),
+                hdr.e_machine(e)
+            )));
+        }
+        let mut warnings = Vec::new();
+        let mut sections = Vec::new();
+        let mut load_of = std::collections::HashMap::new();
+        for sec in file.sections() {
+            let name = sec.name().unwrap_or("").to_string();
+            let sh = sec.elf_section_header();
+            let flags = sh.sh_flags(e);
+            if flags & u64::from(elf::SHF_ALLOC) == 0 || skipped(&name) {
+                continue;
+            }
+            if let Some(what) = unsupported(&name) {
+                if sec.size() > 0 {
+                    return Err(ModuleError::Unsupported(what.into()));
+                }
+                continue;
+            }
+            if name == "__jump_table" || name == ".altinstructions" || name == ".altinstr_replacement" {
+                warnings.push(format!(
+                    "section {name} is not applied: static keys/alternatives in patch code keep their build-time default"
+                ));
+                continue;
+            }
+            let data = if sh.sh_type(e) == elf::SHT_NOBITS {
+                vec![0u8; sec.size() as usize]
+            } else {
+                sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?.to_vec()
+            };
+            load_of.insert(sec.index(), sections.len());
+            sections.push(LoadSection {
+                index: sec.index(),
+                name,
+                data,
+                align: sec.align().max(1),
+                exec: flags & u64::from(elf::SHF_EXECINSTR) != 0,
+                write: flags & u64::from(elf::SHF_WRITE) != 0,
+            });
+        }
+
+        let place = |sym: &object::read::elf::ElfSymbol64<'_, '_, Endianness>| -> SymbolPlace {
+            let name = sym.name().unwrap_or("").to_string();
+            if sym.is_undefined() {
+                return SymbolPlace::Kernel(name);
+            }
+            match sym.section_index() {
+                Some(idx) => match load_of.get(&idx) {
+                    Some(&l) => SymbolPlace::Section {
+                        load_idx: l,
+                        offset: sym.address(),
+                    },
+                    None => SymbolPlace::NotLoaded(
+                        file.section_by_index(idx)
+                            .ok()
+                            .and_then(|s| s.name().ok().map(String::from))
+                            .unwrap_or_default(),
+                    ),
+                },
+                None => SymbolPlace::Absolute(sym.address()),
+            }
+        };
+
+        let mut relocs = Vec::new();
+        for sec in file.sections() {
+            let Some(&load_idx) = load_of.get(&sec.index()) else {
+                continue;
+            };
+            for (offset, r) in sec.relocations() {
+                let RelocationFlags::Elf { r_type } = r.flags() else {
+                    return Err(ModuleError::NotElf("non-ELF relocation".into()));
+                };
+                let (target, name) = match r.target() {
+                    RelocationTarget::Symbol(si) => {
+                        let sym = file.symbol_by_index(si).map_err(|e| ModuleError::BadRelocation {
+                            section: sections[load_idx].name.clone(),
+                            offset,
+                            what: e.to_string(),
+                        })?;
+                        let mut n = sym.name().unwrap_or("").to_string();
+                        if n.is_empty() {
+                            n = sym
+                                .section_index()
+                                .and_then(|i| file.section_by_index(i).ok())
+                                .and_then(|s| s.name().ok().map(String::from))
+                                .unwrap_or_default();
+                        }
+                        (place(&sym), n)
+                    }
+                    RelocationTarget::Section(idx) => match load_of.get(&idx) {
+                        Some(&l) => (
+                            SymbolPlace::Section { load_idx: l, offset: 0 },
+                            format!("section {idx:?}"),
+                        ),
+                        None => (SymbolPlace::NotLoaded(format!("{idx:?}")), format!("section {idx:?}")),
+                    },
+                    RelocationTarget::Absolute => (SymbolPlace::Absolute(0), "absolute".into()),
+                    _ => {
+                        return Err(ModuleError::BadRelocation {
+                            section: sections[load_idx].name.clone(),
+                            offset,
+                            what: "unknown relocation target".into(),
+                        })
+                    }
+                };
+                relocs.push(Reloc {
+                    load_idx,
+                    offset,
+                    r_type,
+                    target,
+                    addend: r.addend(),
+                    name,
+                });
+            }
+        }
+
+        // .lucos.info
+        let (mut name, mut description) = (String::from("unnamed"), String::new());
+        if let Some(sec) = file.section_by_name(".lucos.info") {
+            let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
+            if d.len() != INFO_RECORD {
+                return Err(ModuleError::BadRecords {
+                    section: ".lucos.info".into(),
+                    size: d.len() as u64,
+                    record: INFO_RECORD,
+                });
+            }
+            let abi = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            if abi != ABI_VERSION {
+                return Err(ModuleError::AbiVersion(abi));
+            }
+            name = cstr(&d[4..4 + NAME_MAX])?;
+            description = cstr(&d[4 + NAME_MAX..])?;
+        }
+
+        // .lucos.replace
+        let sec = file
+            .section_by_name(".lucos.replace")
+            .ok_or(ModuleError::NoReplacements)?;
+        let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
+        if d.is_empty() {
+            return Err(ModuleError::NoReplacements);
+        }
+        if d.len() % REPLACE_RECORD != 0 {
+            return Err(ModuleError::BadRecords {
+                section: ".lucos.replace".into(),
+                size: d.len() as u64,
+                record: REPLACE_RECORD,
+            });
+        }
+        let mut replaces = Vec::new();
+        for rec in d.chunks(REPLACE_RECORD) {
+            let old_name = cstr(&rec[..NAME_MAX])?;
+            let new_name = cstr(&rec[NAME_MAX..2 * NAME_MAX])?;
+            let sym = file
+                .symbols()
+                .find(|s| s.name() == Ok(new_name.as_str()) && s.kind() == object::SymbolKind::Text)
+                .ok_or_else(|| ModuleError::NoNewFunction(new_name.clone()))?;
+            let SymbolPlace::Section { load_idx, offset } = place(&sym) else {
+                return Err(ModuleError::NoNewFunction(new_name));
+            };
+            if !sections[load_idx].exec {
+                return Err(ModuleError::NoNewFunction(new_name));
+            }
+            replaces.push(Replace {
+                old_name,
+                new_name,
+                new_load_idx: load_idx,
+                new_offset: offset,
+            });
+        }
+        Ok(PatchModule {
+            name,
+            description,
+            sections,
+            relocs,
+            replaces,
+            warnings,
+        })
+    }
+}
