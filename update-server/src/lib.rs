@@ -21,3 +21,8 @@
 
 pub mod link;
 pub mod module;
+pub mod signing;
+pub mod guest;
+pub mod runpre;
+pub mod alloc;
+pub mod manager;

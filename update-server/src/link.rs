@@ -184,3 +184,83 @@ pub fn link(m: &PatchModule, base: u64, kernel: &dyn Fn(&str) -> Option<u64>) ->
         kernel_refs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::module::{LoadSection, Reloc};
+    use object::SectionIndex;
+
+    fn module(relocs: Vec<Reloc>) -> PatchModule {
+        PatchModule {
+            name: "t".into(),
+            description: String::new(),
+            sections: vec![
+                LoadSection { index: SectionIndex(1), name: ".text".into(), data: vec![0x90; 32], align: 16, exec: true, write: false },
+                LoadSection { index: SectionIndex(2), name: ".data".into(), data: vec![0; 16], align: 8, exec: false, write: true },
+            ],
+            relocs,
+            replaces: vec![],
+            warnings: vec![],
+        }
+    }
+
+    fn reloc(r_type: u32, offset: u64, target: SymbolPlace, addend: i64) -> Reloc {
+        Reloc { load_idx: 0, offset, r_type, target, addend, name: "sym".into() }
+    }
+
+    const BASE: u64 = 0xffff_ffff_8f00_0000;
+    const KSYM: u64 = 0xffff_ffff_8123_4560;
+
+    fn kernel(name: &str) -> Option<u64> {
+        (name == "printk").then_some(KSYM)
+    }
+
+    #[test]
+    fn layout_puts_code_first_and_aligns() {
+        let l = layout(&module(vec![]));
+        assert_eq!(l.offsets, vec![0, 32]);
+        assert_eq!(l.size, 4096);
+    }
+
+    #[test]
+    fn pc32_plt32_64_32s() {
+        let m = module(vec![
+            reloc(elf::R_X86_64_PLT32, 1, SymbolPlace::Kernel("printk".into()), -4),
+            reloc(elf::R_X86_64_PC32, 8, SymbolPlace::Section { load_idx: 1, offset: 4 }, -4),
+            reloc(elf::R_X86_64_64, 16, SymbolPlace::Kernel("printk".into()), 8),
+            reloc(elf::R_X86_64_32S, 24, SymbolPlace::Kernel("printk".into()), 0),
+        ]);
+        let l = link(&m, BASE, &kernel).unwrap();
+        let rd32 = |o: usize| i32::from_le_bytes(l.image[o..o + 4].try_into().unwrap());
+        assert_eq!(rd32(1) as i64, KSYM as i64 - 4 - (BASE + 1) as i64);
+        assert_eq!(rd32(8) as i64, (BASE + 32 + 4) as i64 - 4 - (BASE + 8) as i64);
+        assert_eq!(u64::from_le_bytes(l.image[16..24].try_into().unwrap()), KSYM + 8);
+        assert_eq!(rd32(24) as i64 as u64, KSYM);
+        assert_eq!(l.kernel_refs, vec![("printk".to_string(), KSYM)]);
+        assert_eq!(l.image[0], 0x90, "section bytes copied");
+    }
+
+    #[test]
+    fn errors_name_the_symbol() {
+        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::Kernel("nope".into()), -4)]);
+        assert_eq!(link(&m, BASE, &kernel).unwrap_err(), LinkError::Unresolved("nope".into()));
+
+        let m = module(vec![reloc(elf::R_X86_64_GOTPCREL, 0, SymbolPlace::Kernel("printk".into()), -4)]);
+        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::UnsupportedType { name: "R_X86_64_GOTPCREL", .. }));
+
+        // PC32 to something more than 2 GiB away overflows.
+        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::Absolute(0x1000), 0)]);
+        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::Overflow { .. }));
+
+        // 32 (zero-extended) cannot hold a kernel address.
+        let m = module(vec![reloc(elf::R_X86_64_32, 0, SymbolPlace::Kernel("printk".into()), 0)]);
+        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::Overflow { .. }));
+
+        let m = module(vec![reloc(elf::R_X86_64_64, 30, SymbolPlace::Kernel("printk".into()), 0)]);
+        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::OutOfBounds { .. }));
+
+        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::NotLoaded(".init.text".into()), 0)]);
+        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::NotLoaded { .. }));
+    }
+}

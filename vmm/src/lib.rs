@@ -23,6 +23,7 @@ pub mod introspect;
 pub mod layout;
 pub mod memory;
 pub mod pause;
+pub mod profile;
 pub mod symbols;
 pub mod vcpu;
 pub mod vm;

@@ -59,6 +59,9 @@ struct RunArgs {
     /// Do not forward stdin to the guest console.
     #[arg(long)]
     no_stdin: bool,
+    /// Sample where the vCPUs are every MS milliseconds; print the hottest kernel functions at exit.
+    #[arg(long, value_name = "MS")]
+    profile: Option<u64>,
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
@@ -82,6 +85,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             stdin: !args.no_stdin,
             timeout: args.timeout.map(Duration::from_secs),
             console: None,
+            profile: args.profile.map(Duration::from_millis),
         })
         .map_err(|e| e.to_string())?;
     let code = reason.exit_code();

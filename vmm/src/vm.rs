@@ -136,6 +136,8 @@ pub struct RunOptions {
     pub timeout: Option<Duration>,
     /// Where the console output goes (stdout if None).
     pub console: Option<Box<dyn Write + Send>>,
+    /// Sample vCPU locations this often and print a profile at exit.
+    pub profile: Option<Duration>,
 }
 
 /// A built, not yet running VM.
@@ -249,6 +251,16 @@ impl Vm {
                 source: kvm_ioctls::Error::new(libc::E2BIG),
             })?;
             fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            if log::log_enabled!(log::Level::Debug) {
+                if let Ok(back) = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
+                    for e in back.as_slice().iter().filter(|e| e.function == 1 || e.function == 0xd) {
+                        log::debug!(
+                            "vcpu{id} cpuid {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
+                            e.function, e.index, e.eax, e.ebx, e.ecx, e.edx
+                        );
+                    }
+                }
+            }
             regs::setup_vcpu(&fd, &mem, kernel.entry, cr3, id == 0)
                 .map_err(|source| VmError::Regs { cpu: id, source })?;
             vcpus.push(Vcpu::new(id, fd, shared.clone()));
@@ -286,7 +298,11 @@ impl Vm {
         self.shared
             .pause
             .set_threads(handles.iter().map(|h| h.as_pthread_t() as libc::pthread_t).collect());
+        let profiler = opts.profile.map(|p| crate::profile::Profiler::start(VmHandle { shared: self.shared.clone() }, p));
         let reason = wait_for_exit(&self.events, opts.timeout);
+        if let Some(p) = profiler {
+            eprintln!("\r\n{}", p.finish(30));
+        }
         stop_vcpus(&self.shared, &handles);
         join_all(handles);
         Ok(reason)

@@ -1,0 +1,55 @@
+//! What the update server needs from the VMM, as a trait: the VMM implements it over its
+//! guest memory, vCPUs and kernel introspection. Keeps this crate free of KVM details.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("{0}")]
+pub struct GuestError(pub String);
+
+/// A vCPU's state while the world is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuState {
+    pub id: u8,
+    pub rip: u64,
+    pub rsp: u64,
+    pub kernel_mode: bool,
+}
+
+/// A guest task and the part of its kernel stack that may hold live return addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskState {
+    pub pid: i32,
+    pub comm: String,
+    pub state: String,
+    /// [lo, hi) to scan; None when the task holds no kernel frames (e.g. running in user mode).
+    pub scan: Option<(u64, u64)>,
+}
+
+/// The guest-virtual window the VMM reserved for patch code and data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchRegion {
+    pub va: u64,
+    pub size: u64,
+}
+
+pub trait Guest: Send + Sync {
+    /// Address and size of a guest kernel symbol.
+    fn symbol(&self, name: &str) -> Option<(u64, u64)>;
+    /// Name of the function containing `addr`, for messages.
+    fn describe(&self, addr: u64) -> String;
+    /// Reads guest kernel-virtual memory.
+    fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), GuestError>;
+    /// Writes guest kernel-virtual memory (ignoring guest page protections).
+    fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError>;
+    /// Stops every vCPU, calls `f` with their states, resumes them. Returns how long the
+    /// vCPUs were stopped.
+    fn stop_the_world(&self, f: &mut dyn FnMut(&[VcpuState])) -> Result<Duration, GuestError>;
+    /// Lists guest tasks with their stack scan ranges; call inside `stop_the_world` for a
+    /// consistent view (`vcpus` tells which tasks are running and where).
+    fn tasks(&self, vcpus: &[VcpuState]) -> Result<Vec<TaskState>, GuestError>;
+    /// The reserved patch window.
+    fn patch_region(&self) -> PatchRegion;
+}
