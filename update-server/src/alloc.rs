@@ -13,7 +13,11 @@ pub struct RegionAllocator {
 
 impl RegionAllocator {
     pub fn new(base: u64, size: u64) -> Self {
-        Self { base, size, used: Vec::new() }
+        Self {
+            base,
+            size,
+            used: Vec::new(),
+        }
     }
 
     /// Allocates `len` bytes (rounded up to pages); returns the address.

@@ -19,10 +19,12 @@
 //! - `rollback`: the reverse transition.
 //! - `service`: the request loop tying these together (`lucosctl apply|list|status|rollback`).
 
-pub mod link;
-pub mod module;
-pub mod signing;
-pub mod guest;
-pub mod runpre;
 pub mod alloc;
+pub mod guest;
+pub mod link;
 pub mod manager;
+pub mod module;
+pub mod protocol;
+pub mod runpre;
+pub mod service;
+pub mod signing;

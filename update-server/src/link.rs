@@ -196,8 +196,22 @@ mod tests {
             name: "t".into(),
             description: String::new(),
             sections: vec![
-                LoadSection { index: SectionIndex(1), name: ".text".into(), data: vec![0x90; 32], align: 16, exec: true, write: false },
-                LoadSection { index: SectionIndex(2), name: ".data".into(), data: vec![0; 16], align: 8, exec: false, write: true },
+                LoadSection {
+                    index: SectionIndex(1),
+                    name: ".text".into(),
+                    data: vec![0x90; 32],
+                    align: 16,
+                    exec: true,
+                    write: false,
+                },
+                LoadSection {
+                    index: SectionIndex(2),
+                    name: ".data".into(),
+                    data: vec![0; 16],
+                    align: 8,
+                    exec: false,
+                    write: true,
+                },
             ],
             relocs,
             replaces: vec![],
@@ -206,7 +220,14 @@ mod tests {
     }
 
     fn reloc(r_type: u32, offset: u64, target: SymbolPlace, addend: i64) -> Reloc {
-        Reloc { load_idx: 0, offset, r_type, target, addend, name: "sym".into() }
+        Reloc {
+            load_idx: 0,
+            offset,
+            r_type,
+            target,
+            addend,
+            name: "sym".into(),
+        }
     }
 
     const BASE: u64 = 0xffff_ffff_8f00_0000;
@@ -227,7 +248,12 @@ mod tests {
     fn pc32_plt32_64_32s() {
         let m = module(vec![
             reloc(elf::R_X86_64_PLT32, 1, SymbolPlace::Kernel("printk".into()), -4),
-            reloc(elf::R_X86_64_PC32, 8, SymbolPlace::Section { load_idx: 1, offset: 4 }, -4),
+            reloc(
+                elf::R_X86_64_PC32,
+                8,
+                SymbolPlace::Section { load_idx: 1, offset: 4 },
+                -4,
+            ),
             reloc(elf::R_X86_64_64, 16, SymbolPlace::Kernel("printk".into()), 8),
             reloc(elf::R_X86_64_32S, 24, SymbolPlace::Kernel("printk".into()), 0),
         ]);
@@ -243,24 +269,70 @@ mod tests {
 
     #[test]
     fn errors_name_the_symbol() {
-        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::Kernel("nope".into()), -4)]);
-        assert_eq!(link(&m, BASE, &kernel).unwrap_err(), LinkError::Unresolved("nope".into()));
+        let m = module(vec![reloc(
+            elf::R_X86_64_PC32,
+            0,
+            SymbolPlace::Kernel("nope".into()),
+            -4,
+        )]);
+        assert_eq!(
+            link(&m, BASE, &kernel).unwrap_err(),
+            LinkError::Unresolved("nope".into())
+        );
 
-        let m = module(vec![reloc(elf::R_X86_64_GOTPCREL, 0, SymbolPlace::Kernel("printk".into()), -4)]);
-        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::UnsupportedType { name: "R_X86_64_GOTPCREL", .. }));
+        let m = module(vec![reloc(
+            elf::R_X86_64_GOTPCREL,
+            0,
+            SymbolPlace::Kernel("printk".into()),
+            -4,
+        )]);
+        assert!(matches!(
+            link(&m, BASE, &kernel).unwrap_err(),
+            LinkError::UnsupportedType {
+                name: "R_X86_64_GOTPCREL",
+                ..
+            }
+        ));
 
         // PC32 to something more than 2 GiB away overflows.
         let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::Absolute(0x1000), 0)]);
-        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::Overflow { .. }));
+        assert!(matches!(
+            link(&m, BASE, &kernel).unwrap_err(),
+            LinkError::Overflow { .. }
+        ));
 
         // 32 (zero-extended) cannot hold a kernel address.
-        let m = module(vec![reloc(elf::R_X86_64_32, 0, SymbolPlace::Kernel("printk".into()), 0)]);
-        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::Overflow { .. }));
+        let m = module(vec![reloc(
+            elf::R_X86_64_32,
+            0,
+            SymbolPlace::Kernel("printk".into()),
+            0,
+        )]);
+        assert!(matches!(
+            link(&m, BASE, &kernel).unwrap_err(),
+            LinkError::Overflow { .. }
+        ));
 
-        let m = module(vec![reloc(elf::R_X86_64_64, 30, SymbolPlace::Kernel("printk".into()), 0)]);
-        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::OutOfBounds { .. }));
+        let m = module(vec![reloc(
+            elf::R_X86_64_64,
+            30,
+            SymbolPlace::Kernel("printk".into()),
+            0,
+        )]);
+        assert!(matches!(
+            link(&m, BASE, &kernel).unwrap_err(),
+            LinkError::OutOfBounds { .. }
+        ));
 
-        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::NotLoaded(".init.text".into()), 0)]);
-        assert!(matches!(link(&m, BASE, &kernel).unwrap_err(), LinkError::NotLoaded { .. }));
+        let m = module(vec![reloc(
+            elf::R_X86_64_PC32,
+            0,
+            SymbolPlace::NotLoaded(".init.text".into()),
+            0,
+        )]);
+        assert!(matches!(
+            link(&m, BASE, &kernel).unwrap_err(),
+            LinkError::NotLoaded { .. }
+        ));
     }
 }

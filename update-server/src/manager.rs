@@ -116,7 +116,13 @@ pub struct Patch {
 impl Patch {
     pub fn summary(&self) -> String {
         let funcs: Vec<&str> = self.funcs.iter().map(|f| f.old_name.as_str()).collect();
-        format!("{:>3}  {:<13} {:<20} {}", self.id, self.state.as_str(), self.name, funcs.join(","))
+        format!(
+            "{:>3}  {:<13} {:<20} {}",
+            self.id,
+            self.state.as_str(),
+            self.name,
+            funcs.join(",")
+        )
     }
 
     pub fn details(&self) -> String {
@@ -133,7 +139,11 @@ impl Patch {
             );
         }
         let _ = writeln!(s, "  code+data at {:#x} ({} bytes)", self.image_addr, self.image_size);
-        let _ = writeln!(s, "  vCPUs paused {} us; apply took {} us; {} stack checks", self.pause_us, self.apply_us, self.checks);
+        let _ = writeln!(
+            s,
+            "  vCPUs paused {} us; apply took {} us; {} stack checks",
+            self.pause_us, self.apply_us, self.checks
+        );
         for b in &self.blockers {
             let _ = writeln!(s, "  waiting: {} is in {}", b.who, b.at);
         }
@@ -156,7 +166,12 @@ pub struct Manager {
 impl Manager {
     pub fn new(g: &dyn Guest) -> Self {
         let r = g.patch_region();
-        Self { alloc: RegionAllocator::new(r.va, r.size), patches: Vec::new(), next_id: 1, sites: HashMap::new() }
+        Self {
+            alloc: RegionAllocator::new(r.va, r.size),
+            patches: Vec::new(),
+            next_id: 1,
+            sites: HashMap::new(),
+        }
     }
 
     pub fn patches(&self) -> &[Patch] {
@@ -164,11 +179,17 @@ impl Manager {
     }
 
     pub fn get(&self, id: u32) -> Result<&Patch, ApplyError> {
-        self.patches.iter().find(|p| p.id == id).ok_or(ApplyError::NoSuchPatch(id))
+        self.patches
+            .iter()
+            .find(|p| p.id == id)
+            .ok_or(ApplyError::NoSuchPatch(id))
     }
 
     fn get_mut(&mut self, id: u32) -> Result<&mut Patch, ApplyError> {
-        self.patches.iter_mut().find(|p| p.id == id).ok_or(ApplyError::NoSuchPatch(id))
+        self.patches
+            .iter_mut()
+            .find(|p| p.id == id)
+            .ok_or(ApplyError::NoSuchPatch(id))
     }
 
     /// Applies a parsed module. On any error the guest is left untouched.
@@ -181,17 +202,22 @@ impl Manager {
             if !seen.insert(r.old_name.clone()) {
                 return Err(ApplyError::Duplicate(r.old_name.clone()));
             }
-            let (addr, size) = g.symbol(&r.old_name).ok_or_else(|| ApplyError::NoOldFunction(r.old_name.clone()))?;
+            let (addr, size) = g
+                .symbol(&r.old_name)
+                .ok_or_else(|| ApplyError::NoOldFunction(r.old_name.clone()))?;
             if size < (JMP_LEN + 4) as u64 {
-                return Err(ApplyError::TooSmall { name: r.old_name.clone(), size });
+                return Err(ApplyError::TooSmall {
+                    name: r.old_name.clone(),
+                    size,
+                });
             }
             olds.push((addr, size));
         }
         let need = link::layout(m).size;
-        let base = self
-            .alloc
-            .alloc(need)
-            .ok_or(ApplyError::NoSpace { need, free: self.alloc.free_bytes() })?;
+        let base = self.alloc.alloc(need).ok_or(ApplyError::NoSpace {
+            need,
+            free: self.alloc.free_bytes(),
+        })?;
         match self.apply_at(g, m, &olds, base, t0) {
             Ok(id) => Ok(id),
             Err(e) => {
@@ -217,8 +243,9 @@ impl Manager {
             g.read(old_addr, &mut head)?;
             let site = old_addr + runpre::patch_offset(&head) as u64;
             let new_addr = linked.addr_of(r.new_load_idx, r.new_offset);
-            let jump = runpre::jmp_rel32(site, new_addr)
-                .ok_or_else(|| ApplyError::RunPre(format!("{} is out of jmp rel32 range of {new_addr:#x}", r.old_name)))?;
+            let jump = runpre::jmp_rel32(site, new_addr).ok_or_else(|| {
+                ApplyError::RunPre(format!("{} is out of jmp rel32 range of {new_addr:#x}", r.old_name))
+            })?;
             // What the site must hold now: the previous lucos jump if stacked, else ftrace's nop.
             let expected = match self.sites.get(&site).and_then(|v| v.last()) {
                 Some(&prev) => self.jump_of(prev, site).unwrap_or(FTRACE_NOP.to_vec()),
@@ -245,7 +272,10 @@ impl Manager {
         for f in &funcs {
             self.sites.entry(f.site).or_default().push(id);
         }
-        let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         self.patches.push(Patch {
             id,
             name: m.name.clone(),
@@ -288,7 +318,11 @@ impl Manager {
                         }
                     }
                     for f in funcs {
-                        let (from, to) = if install { (&f.saved, &f.jump) } else { (&f.jump, &f.saved) };
+                        let (from, to) = if install {
+                            (&f.saved, &f.jump)
+                        } else {
+                            (&f.jump, &f.saved)
+                        };
                         let mut cur = vec![0u8; JMP_LEN];
                         g.read(f.site, &mut cur)?;
                         if &cur != from {
@@ -323,11 +357,17 @@ impl Manager {
     /// Ranges a thread must not be in for `p`'s current transition to finish.
     fn busy_ranges(p: &Patch) -> Vec<(u64, u64, String)> {
         match p.state {
-            PatchState::Transition => {
-                p.funcs.iter().map(|f| (f.old_addr, f.old_addr + f.old_size, f.old_name.clone())).collect()
-            }
+            PatchState::Transition => p
+                .funcs
+                .iter()
+                .map(|f| (f.old_addr, f.old_addr + f.old_size, f.old_name.clone()))
+                .collect(),
             PatchState::RollingBack => {
-                vec![(p.image_addr, p.image_addr + p.image_size, format!("patch {} code", p.id))]
+                vec![(
+                    p.image_addr,
+                    p.image_addr + p.image_size,
+                    format!("patch {} code", p.id),
+                )]
             }
             _ => vec![],
         }
@@ -387,12 +427,19 @@ impl Manager {
     pub fn rollback(&mut self, g: &dyn Guest, id: u32) -> Result<PatchState, ApplyError> {
         let p = self.get(id)?;
         if matches!(p.state, PatchState::RollingBack | PatchState::RolledBack) {
-            return Err(ApplyError::WrongState { id, state: p.state.as_str() });
+            return Err(ApplyError::WrongState {
+                id,
+                state: p.state.as_str(),
+            });
         }
         for f in &p.funcs {
             if let Some(&top) = self.sites.get(&f.site).and_then(|v| v.last()) {
                 if top != id {
-                    return Err(ApplyError::NotTopmost { id, newer: top, func: f.old_name.clone() });
+                    return Err(ApplyError::NotTopmost {
+                        id,
+                        newer: top,
+                        func: f.old_name.clone(),
+                    });
                 }
             }
         }
@@ -412,12 +459,19 @@ impl Manager {
 }
 
 /// Scans vCPU RIPs and every task's kernel stack for addresses inside `ranges`.
-pub fn find_blockers(g: &dyn Guest, vcpus: &[VcpuState], ranges: &[(u64, u64, String)]) -> Result<Vec<Blocker>, GuestError> {
+pub fn find_blockers(
+    g: &dyn Guest,
+    vcpus: &[VcpuState],
+    ranges: &[(u64, u64, String)],
+) -> Result<Vec<Blocker>, GuestError> {
     let hit = |v: u64| ranges.iter().find(|(lo, hi, _)| v >= *lo && v <= *hi);
     let mut out = Vec::new();
     for v in vcpus {
         if let Some((_, _, what)) = hit(v.rip) {
-            out.push(Blocker { who: format!("vCPU {}", v.id), at: format!("{what} ({})", g.describe(v.rip)) });
+            out.push(Blocker {
+                who: format!("vCPU {}", v.id),
+                at: format!("{what} ({})", g.describe(v.rip)),
+            });
         }
     }
     let mut buf = Vec::new();

@@ -61,7 +61,9 @@ pub fn check_site(what: &str, site: u64, actual: &[u8], expected: &[u8]) -> Resu
     while pos < expected.len() {
         let i = d.decode();
         if i.is_invalid() {
-            return Err(format!("run-pre check failed for {what}: undecodable bytes at {site:#x}"));
+            return Err(format!(
+                "run-pre check failed for {what}: undecodable bytes at {site:#x}"
+            ));
         }
         pos += i.len();
     }
@@ -94,7 +96,10 @@ mod tests {
         // A call to an ftrace trampoline instead of the nop: refused, with both decoded.
         let traced = [0xe8, 0x10, 0x20, 0x30, 0x40, 0x55];
         let e = check_site("f", 0x1000, &traced, &FTRACE_NOP).unwrap_err();
-        assert!(e.contains("expected `nop dword [rax+rax]`") && e.contains("call"), "{e}");
+        assert!(
+            e.contains("expected `nop dword [rax+rax]`") && e.contains("call"),
+            "{e}"
+        );
         // Bytes match but split an instruction (expected prefix of a longer insn).
         let long = [0x48, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8];
         let e = check_site("f", 0x1000, &long, &long[..5]).unwrap_err();

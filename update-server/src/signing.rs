@@ -44,14 +44,22 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn read_key32(path: &Path) -> Result<[u8; 32], SignError> {
-    let err = |what: String| SignError::KeyFile { path: path.display().to_string(), what };
+    let err = |what: String| SignError::KeyFile {
+        path: path.display().to_string(),
+        what,
+    };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let bytes = unhex(&text).ok_or_else(|| err("not hex".into()))?;
-    bytes.try_into().map_err(|_| err("expected 32 bytes (64 hex digits)".into()))
+    bytes
+        .try_into()
+        .map_err(|_| err("expected 32 bytes (64 hex digits)".into()))
 }
 
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, SignError> {
@@ -94,7 +102,10 @@ pub fn verify<'a>(signed: &'a [u8], trusted: &[VerifyingKey]) -> Result<(&'a [u8
     let t = signed.len() - TRAILER;
     let claimed = u64::from_le_bytes(signed[t + 96..t + 104].try_into().expect("8 bytes"));
     if claimed != t as u64 {
-        return Err(SignError::Truncated { claimed, actual: t as u64 });
+        return Err(SignError::Truncated {
+            claimed,
+            actual: t as u64,
+        });
     }
     let module = &signed[..t];
     let sig = Signature::from_bytes(signed[t..t + 64].try_into().expect("64 bytes"));
@@ -132,13 +143,19 @@ mod tests {
         assert_eq!(verify(b"plain module", &trusted), Err(SignError::NotSigned));
         let signed = sign(b"module bytes", &k);
         // Untrusted signer.
-        assert!(matches!(verify(&signed, &[key(2).verifying_key()]), Err(SignError::UntrustedKey(_))));
+        assert!(matches!(
+            verify(&signed, &[key(2).verifying_key()]),
+            Err(SignError::UntrustedKey(_))
+        ));
         // Modified module.
         let mut bad = signed.clone();
         bad[0] ^= 1;
         assert_eq!(verify(&bad, &trusted), Err(SignError::BadSignature));
         // Truncated: bytes cut from the front keep the trailer but break the length.
-        assert!(matches!(verify(&signed[3..], &trusted), Err(SignError::Truncated { .. })));
+        assert!(matches!(
+            verify(&signed[3..], &trusted),
+            Err(SignError::Truncated { .. })
+        ));
         // Truncated at the end: no magic.
         assert_eq!(verify(&signed[..signed.len() - 1], &trusted), Err(SignError::NotSigned));
     }

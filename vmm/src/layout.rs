@@ -49,3 +49,17 @@ pub const IOAPIC_PINS: u8 = 24;
 pub const SERIAL_IRQ: u32 = 4;
 /// I/O port of COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
+
+/// Size of the patch region: guest RAM the VMM keeps for live-patch code and data
+/// (e820 reserved, never used by the guest kernel).
+pub const PATCH_REGION_SIZE: u64 = 16 << 20;
+/// The kernel's high mapping (`__START_KERNEL_map`) covers the first GiB of physical
+/// memory (KERNEL_IMAGE_SIZE); the patch region must lie inside it so it can be mapped at
+/// `__START_KERNEL_map + phys`, within jmp rel32 reach of kernel text.
+pub const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
+
+/// Guest-physical start of the patch region for a guest with `mem_bytes` of RAM: the top
+/// 16 MiB below min(RAM, 1 GiB), 2 MiB aligned.
+pub fn patch_region_start(mem_bytes: u64) -> u64 {
+    (mem_bytes.min(MMIO_GAP_START).min(KERNEL_IMAGE_SIZE) - PATCH_REGION_SIZE) & !((2 << 20) - 1)
+}

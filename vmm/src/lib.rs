@@ -25,6 +25,7 @@ pub mod memory;
 pub mod pause;
 pub mod profile;
 pub mod symbols;
+pub mod update;
 pub mod vcpu;
 pub mod vm;
 

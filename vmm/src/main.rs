@@ -59,6 +59,13 @@ struct RunArgs {
     /// Do not forward stdin to the guest console.
     #[arg(long)]
     no_stdin: bool,
+    /// Serve the update API (lucosctl) on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// ed25519 public key (hex file, from `lucosctl keygen`) whose signatures are accepted
+    /// on patch modules; repeatable. Without one, every patch is refused.
+    #[arg(long, value_name = "FILE")]
+    trusted_key: Vec<PathBuf>,
     /// Sample where the vCPUs are every MS milliseconds; print the hottest kernel functions at exit.
     #[arg(long, value_name = "MS")]
     profile: Option<u64>,
@@ -72,6 +79,10 @@ fn run(args: RunArgs) -> Result<i32, String> {
         cmdline.push(' ');
         cmdline.push_str(&a);
     }
+    let mut trusted = Vec::new();
+    for k in &args.trusted_key {
+        trusted.push(lucos_update_server::signing::load_verifying_key(k).map_err(|e| e.to_string())?);
+    }
     let config = VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
@@ -80,6 +91,13 @@ fn run(args: RunArgs) -> Result<i32, String> {
         vcpus: args.vcpus,
     };
     let vm = Vm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
+    if let Some(sock) = &args.api_sock {
+        if trusted.is_empty() {
+            log::warn!("no --trusted-key given: every patch submission will be refused");
+        }
+        lucos_vmm::update::start_server(vm.handle(), &config.kernel, config.mem_bytes, trusted, sock)
+            .map_err(|e| format!("cannot start the update server: {e}"))?;
+    }
     let reason = vm
         .run(RunOptions {
             stdin: !args.no_stdin,
@@ -88,6 +106,9 @@ fn run(args: RunArgs) -> Result<i32, String> {
             profile: args.profile.map(Duration::from_millis),
         })
         .map_err(|e| e.to_string())?;
+    if let Some(sock) = &args.api_sock {
+        let _ = std::fs::remove_file(sock);
+    }
     let code = reason.exit_code();
     eprintln!(
         "\r\nlucos-vmm: {} after {:.2}s (exit code {code})",

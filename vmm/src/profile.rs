@@ -26,7 +26,9 @@ impl Profiler {
                 let mut counts: HashMap<String, u64> = HashMap::new();
                 while !s.load(Ordering::Acquire) {
                     std::thread::sleep(period);
-                    let Ok(p) = handle.pause(Duration::from_secs(1)) else { continue };
+                    let Ok(p) = handle.pause(Duration::from_secs(1)) else {
+                        continue;
+                    };
                     for v in &p.snapshots {
                         let key = if !v.kernel_mode {
                             "<user>".to_string()

@@ -187,13 +187,15 @@ impl Vm {
         let kernel = loader::load_kernel(&mem, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(p) => {
-                let (addr, size) = loader::load_initrd(&mem, p, kernel.end)?;
+                let top = crate::layout::patch_region_start(config.mem_bytes);
+                let (addr, size) = loader::load_initrd(&mem, p, kernel.end, top)?;
                 Some(params::InitrdLocation { addr, size })
             }
             None => None,
         };
         let cmdline_len = loader::load_cmdline(&mem, &config.cmdline)?;
-        let e820 = params::e820_map(config.mem_bytes, &[]);
+        let patch_gpa = crate::layout::patch_region_start(config.mem_bytes);
+        let e820 = params::e820_map(config.mem_bytes, &[(patch_gpa, crate::layout::PATCH_REGION_SIZE)]);
         let bp = params::build_boot_params(&e820, CMDLINE_START, cmdline_len, initrd)?;
         params::write_boot_params(&mem, &bp)?;
         let cr3 = paging::write_boot_page_tables(&mem).map_err(VmError::PageTables)?;
@@ -256,7 +258,12 @@ impl Vm {
                     for e in back.as_slice().iter().filter(|e| e.function == 1 || e.function == 0xd) {
                         log::debug!(
                             "vcpu{id} cpuid {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
-                            e.function, e.index, e.eax, e.ebx, e.ecx, e.edx
+                            e.function,
+                            e.index,
+                            e.eax,
+                            e.ebx,
+                            e.ecx,
+                            e.edx
                         );
                     }
                 }
@@ -298,7 +305,14 @@ impl Vm {
         self.shared
             .pause
             .set_threads(handles.iter().map(|h| h.as_pthread_t() as libc::pthread_t).collect());
-        let profiler = opts.profile.map(|p| crate::profile::Profiler::start(VmHandle { shared: self.shared.clone() }, p));
+        let profiler = opts.profile.map(|p| {
+            crate::profile::Profiler::start(
+                VmHandle {
+                    shared: self.shared.clone(),
+                },
+                p,
+            )
+        });
         let reason = wait_for_exit(&self.events, opts.timeout);
         if let Some(p) = profiler {
             eprintln!("\r\n{}", p.finish(30));
@@ -374,6 +388,10 @@ impl VmHandle {
 
     pub fn symbols(&self) -> Option<&SymbolTable> {
         self.shared.symbols.as_deref()
+    }
+
+    pub fn symbols_arc(&self) -> Option<Arc<SymbolTable>> {
+        self.shared.symbols.clone()
     }
 
     /// Parks every vCPU outside KVM_RUN; they resume when the guard drops.

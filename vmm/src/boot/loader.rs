@@ -73,8 +73,8 @@ pub fn initrd_placement(size: u64, low_ram_end: u64, kernel_end: u64) -> Option<
     (addr >= kernel_end).then_some(addr)
 }
 
-/// Loads the initrd; returns its address and size.
-pub fn load_initrd(mem: &GuestMem, path: &Path, kernel_end: u64) -> Result<(u64, u64), LoaderError> {
+/// Loads the initrd below `top` (exclusive); returns its address and size.
+pub fn load_initrd(mem: &GuestMem, path: &Path, kernel_end: u64, top: u64) -> Result<(u64, u64), LoaderError> {
     let data = std::fs::read(path).map_err(|source| LoaderError::ReadInitrd {
         path: path.into(),
         source,
@@ -83,7 +83,12 @@ pub fn load_initrd(mem: &GuestMem, path: &Path, kernel_end: u64) -> Result<(u64,
         return Err(LoaderError::EmptyInitrd { path: path.into() });
     }
     let size = data.len() as u64;
-    let low_ram_end = mem.iter().next().map(vm_memory::GuestMemoryRegion::len).unwrap_or(0);
+    let low_ram_end = mem
+        .iter()
+        .next()
+        .map(vm_memory::GuestMemoryRegion::len)
+        .unwrap_or(0)
+        .min(top);
     let addr = initrd_placement(size, low_ram_end, kernel_end).ok_or(LoaderError::InitrdTooLarge {
         size,
         limit: low_ram_end.min(INITRD_ADDR_MAX + 1),

@@ -41,6 +41,7 @@ pub struct TaskLayout {
     pub state: u64,
     pub thread_sp: u64,
     pub on_cpu: u64,
+    pub cpu: u64,
 }
 
 impl TaskLayout {
@@ -56,6 +57,7 @@ impl TaskLayout {
             state: o("__state")?,
             thread_sp: o("thread.sp")?,
             on_cpu: o("on_cpu")?,
+            cpu: o("thread_info.cpu")?,
         })
     }
 }
@@ -117,6 +119,61 @@ impl GuestKernel {
             )));
         }
         Ok(())
+    }
+}
+
+const PTE_PRESENT: u64 = 1;
+const PTE_RW: u64 = 1 << 1;
+const PTE_ACCESSED: u64 = 1 << 5;
+const PTE_DIRTY: u64 = 1 << 6;
+const PTE_PSE: u64 = 1 << 7;
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+const SIZE_2M: u64 = 2 << 20;
+
+impl GuestKernel {
+    /// Maps guest-physical `[gpa, gpa+size)` at `__START_KERNEL_map + gpa` with 2 MiB pages by
+    /// writing entries of the kernel's own `level2_kernel_pgt` (found by walking
+    /// `init_top_pgt`). The range must lie past the kernel image, where the kernel keeps no
+    /// mappings (cleanup_highmap cleared them) and never creates new ones. Entries already
+    /// mapping the same pages are left as they are; any other present entry is an error.
+    pub fn map_high(&self, mem: &GuestMem, gpa: u64, size: u64) -> Result<u64, KernelError> {
+        use vm_memory::{Bytes, GuestAddress};
+        let va = START_KERNEL_MAP + gpa;
+        let end = self.sym("_end")?;
+        if va < end || !gpa.is_multiple_of(SIZE_2M) || !size.is_multiple_of(SIZE_2M) || gpa + size > (1 << 30) {
+            return Err(KernelError::Mismatch(format!(
+                "patch region {gpa:#x}+{size:#x} cannot be mapped past the kernel image (ends at {end:#x})"
+            )));
+        }
+        let rd = |a: u64| -> Result<u64, KernelError> {
+            mem.read_obj(GuestAddress(a))
+                .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: a }))
+        };
+        let pml4e = rd(self.kernel_cr3 + ((va >> 39) & 0x1ff) * 8)?;
+        let pud = pml4e & PTE_ADDR;
+        let pude = rd(pud + ((va >> 30) & 0x1ff) * 8)?;
+        if pml4e & PTE_PRESENT == 0 || pude & PTE_PRESENT == 0 || pude & PTE_PSE != 0 {
+            return Err(KernelError::Mismatch("no level2_kernel_pgt under init_top_pgt".into()));
+        }
+        let pmd = pude & PTE_ADDR;
+        for i in 0..size / SIZE_2M {
+            let page = gpa + i * SIZE_2M;
+            let slot = pmd + (((va + i * SIZE_2M) >> 21) & 0x1ff) * 8;
+            let want = page | PTE_PRESENT | PTE_RW | PTE_ACCESSED | PTE_DIRTY | PTE_PSE;
+            let cur = rd(slot)?;
+            if cur == want {
+                continue;
+            }
+            if cur & PTE_PRESENT != 0 {
+                return Err(KernelError::Mismatch(format!(
+                    "kernel high map entry for {:#x} is already in use ({cur:#x})",
+                    va + i * SIZE_2M
+                )));
+            }
+            mem.write_obj(want, GuestAddress(slot))
+                .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: slot }))?;
+        }
+        Ok(va)
     }
 }
 

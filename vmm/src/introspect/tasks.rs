@@ -26,6 +26,8 @@ pub struct TaskInfo {
     pub saved_sp: u64,
     /// Currently running on a CPU.
     pub on_cpu: bool,
+    /// CPU it runs on (or last ran on).
+    pub cpu: u32,
 }
 
 impl TaskInfo {
@@ -56,6 +58,7 @@ fn read_task(k: &GuestKernel, v: &GuestVirt, addr: u64) -> Result<TaskInfo, Kern
         stack_base: v.read_u64(addr + l.stack)?,
         saved_sp: v.read_u64(addr + l.thread_sp)?,
         on_cpu: v.read_u32(addr + l.on_cpu)? != 0,
+        cpu: v.read_u32(addr + l.cpu)?,
     })
 }
 

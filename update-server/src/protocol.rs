@@ -1,0 +1,188 @@
+//! The lucos wire protocol, spoken on the VMM's Unix API socket and on virtio-vsock:
+//!
+//! ```text
+//! frame = header_len: u32 LE | header: JSON (header_len bytes) | payload (header.payload_len bytes)
+//! ```
+//!
+//! A request header is `{"op": "apply"|"list"|"status"|"rollback", "id": N?, "payload_len": N}`;
+//! `apply` carries the signed module as payload. A response header is
+//! `{"ok": true, "message": "...", "patches": [...]}` or `{"ok": false, "error": "..."}`.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The vsock port the update server listens on at the host end (CID 2).
+pub const VSOCK_PORT: u32 = 7070;
+/// Largest header accepted.
+pub const MAX_HEADER: u32 = 64 * 1024;
+/// Largest payload accepted (a patch module).
+pub const MAX_PAYLOAD: u64 = 16 * 1024 * 1024;
+
+#[derive(Debug, Error)]
+pub enum ProtocolError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("header of {0} bytes exceeds the {MAX_HEADER}-byte limit")]
+    HeaderTooLarge(u32),
+    #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
+    PayloadTooLarge(u64),
+    #[error("malformed header: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Apply,
+    List,
+    Status,
+    Rollback,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Request {
+    pub op: Op,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u32>,
+    #[serde(default)]
+    pub payload_len: u64,
+}
+
+/// Summary of one patch, as reported to clients.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PatchInfo {
+    pub id: u32,
+    pub name: String,
+    pub state: String,
+    pub functions: Vec<String>,
+    pub pause_us: u64,
+    pub apply_us: u64,
+    pub checks: u32,
+    pub waiting_on: Vec<String>,
+    pub details: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<PatchInfo>,
+}
+
+impl Response {
+    pub fn error(e: impl ToString) -> Self {
+        Response {
+            ok: false,
+            error: e.to_string(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Writes one frame.
+pub fn write_frame<W: Write + ?Sized, H: Serialize>(
+    w: &mut W,
+    header: &H,
+    payload: &[u8],
+) -> Result<(), ProtocolError> {
+    let h = serde_json::to_vec(header)?;
+    w.write_all(&(h.len() as u32).to_le_bytes())?;
+    w.write_all(&h)?;
+    w.write_all(payload)?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Reads a frame's header (the payload, if any, follows on the stream).
+pub fn read_header<R: Read + ?Sized, H: for<'de> Deserialize<'de>>(r: &mut R) -> Result<H, ProtocolError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(ProtocolError::HeaderTooLarge(len));
+    }
+    let mut h = vec![0u8; len as usize];
+    r.read_exact(&mut h)?;
+    Ok(serde_json::from_slice(&h)?)
+}
+
+/// Reads a request and its payload.
+pub fn read_request<R: Read + ?Sized>(r: &mut R) -> Result<(Request, Vec<u8>), ProtocolError> {
+    let req: Request = read_header(r)?;
+    if req.payload_len > MAX_PAYLOAD {
+        return Err(ProtocolError::PayloadTooLarge(req.payload_len));
+    }
+    let mut payload = vec![0u8; req.payload_len as usize];
+    r.read_exact(&mut payload)?;
+    Ok((req, payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let mut buf = Vec::new();
+        let req = Request {
+            op: Op::Apply,
+            id: None,
+            payload_len: 3,
+        };
+        write_frame(&mut buf, &req, b"abc").unwrap();
+        let (r, p) = read_request(&mut &buf[..]).unwrap();
+        assert_eq!((r, p), (req, b"abc".to_vec()));
+
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &Response::error("nope"), &[]).unwrap();
+        let resp: Response = read_header(&mut &buf[..]).unwrap();
+        assert!(!resp.ok);
+        assert_eq!(resp.error, "nope");
+    }
+
+    #[test]
+    fn rejects_bad_frames() {
+        let mut buf = (MAX_HEADER + 1).to_le_bytes().to_vec();
+        buf.extend_from_slice(b"{}");
+        assert!(matches!(
+            read_request(&mut &buf[..]),
+            Err(ProtocolError::HeaderTooLarge(_))
+        ));
+        let mut buf = Vec::new();
+        write_frame(&mut buf, &serde_json::json!({"op": "explode"}), &[]).unwrap();
+        assert!(matches!(read_request(&mut &buf[..]), Err(ProtocolError::Json(_))));
+        let mut buf = Vec::new();
+        write_frame(
+            &mut buf,
+            &Request {
+                op: Op::Apply,
+                id: None,
+                payload_len: 10,
+            },
+            b"short",
+        )
+        .unwrap();
+        assert!(matches!(read_request(&mut &buf[..]), Err(ProtocolError::Io(_))));
+        let mut buf = Vec::new();
+        write_frame(
+            &mut buf,
+            &Request {
+                op: Op::Apply,
+                id: None,
+                payload_len: MAX_PAYLOAD + 1,
+            },
+            b"",
+        )
+        .unwrap();
+        assert!(matches!(
+            read_request(&mut &buf[..]),
+            Err(ProtocolError::PayloadTooLarge(_))
+        ));
+    }
+}
