@@ -88,3 +88,5 @@ pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> 
         .expect("spawn lucos-vmm");
     out.into()
 }
+
+pub mod session;

@@ -1,0 +1,162 @@
+//! An interactive guest: lucos-vmm with the serial console on pipes, driven like `expect`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// How long the guest gets to reach its shell (this machine's KVM is slow).
+pub const SHELL_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long one command gets.
+pub const CMD_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub struct Session {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Receiver<String>,
+    pub transcript: Vec<String>,
+    n: u32,
+}
+
+impl Session {
+    /// Boots the guest to its shell. `extra` are additional `lucos-vmm run` arguments.
+    pub fn boot(vcpus: u8, extra: &[&str]) -> Session {
+        let (k, i) = super::images();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_lucos-vmm"))
+            .args(["run", "--kernel"])
+            .arg(&k)
+            .arg("--initrd")
+            .arg(&i)
+            .args(["--vcpus", &vcpus.to_string(), "--mem", "256M", "--timeout", "1800"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn lucos-vmm");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stdout).lines() {
+                let Ok(l) = l else { break };
+                if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut s = Session {
+            child,
+            stdin,
+            lines,
+            transcript: Vec::new(),
+            n: 0,
+        };
+        s.expect_line(|l| l.contains("lucos-init: starting shell"), SHELL_TIMEOUT)
+            .unwrap_or_else(|e| panic!("guest did not reach its shell: {e}\n{}", s.tail()));
+        s
+    }
+
+    pub fn tail(&self) -> String {
+        let n = self.transcript.len();
+        self.transcript[n.saturating_sub(60)..].join("\n")
+    }
+
+    fn expect_line(&mut self, f: impl Fn(&str) -> bool, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.transcript.push(l.clone());
+                    if f(&l) {
+                        return Ok(l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => return Err(format!("timeout after {timeout:?}")),
+                Err(RecvTimeoutError::Disconnected) => return Err("guest console closed".into()),
+            }
+        }
+    }
+
+    /// Runs a shell command in the guest; returns its output lines.
+    pub fn run(&mut self, cmd: &str) -> Vec<String> {
+        self.n += 1;
+        let id = 1000 + self.n;
+        // The markers are computed by the guest shell, so the echoed command line (which
+        // holds the unexpanded text) never matches them.
+        let line = format!("echo @@S$(({id})); {cmd}; echo @@E$(({id}))\n");
+        self.stdin.write_all(line.as_bytes()).expect("write to guest console");
+        self.stdin.flush().unwrap();
+        let (s, e) = (format!("@@S{id}"), format!("@@E{id}"));
+        self.expect_line(|l| l.trim() == s, CMD_TIMEOUT)
+            .unwrap_or_else(|err| panic!("command `{cmd}` did not start: {err}\n{}", self.tail()));
+        let mut out = Vec::new();
+        loop {
+            let l = self
+                .expect_line(|_| true, CMD_TIMEOUT)
+                .unwrap_or_else(|err| panic!("command `{cmd}` did not finish: {err}\n{}", self.tail()));
+            if l.trim() == e {
+                return out;
+            }
+            out.push(l);
+        }
+    }
+
+    /// Asks the guest to reboot and waits for lucos-vmm to exit; returns its exit code.
+    pub fn shutdown(mut self) -> Option<i32> {
+        let _ = self.stdin.write_all(b"reboot -f\n");
+        let _ = self.stdin.flush();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        None
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh temporary directory.
+pub fn tempdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("lucos-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Builds the patch modules with the guest kernel's kbuild; returns the path of `rel`
+/// (e.g. "cmdline/lucos_cmdline.ko").
+pub fn build_patch(rel: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let kdir = super::images_dir().join("build");
+    let out = Command::new("make")
+        .arg("-s")
+        .arg("-C")
+        .arg(root.join("guest-patches"))
+        .arg(format!(
+            "KDIR={}",
+            kdir.canonicalize().expect("kernel build tree").display()
+        ))
+        .output()
+        .expect("run make");
+    assert!(
+        out.status.success(),
+        "building guest patches failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let p = root.join("guest-patches").join(rel);
+    assert!(p.exists(), "{} not built", p.display());
+    p
+}
