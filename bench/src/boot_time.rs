@@ -70,7 +70,7 @@ fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("spawn: {e}"))?;
     let stdout = child.stdout.take().expect("piped");

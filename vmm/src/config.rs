@@ -4,12 +4,21 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-/// Default kernel command line. `console=ttyS0` for the 8250 console; `reboot=k` so a guest
-/// reboot goes through the i8042 reset line the VMM watches; `panic=1` so a panic resets
-/// (the VMM reports it as a crash); `pci=off`/`8250.nr_uarts=1` skip probing hardware
-/// that does not exist; `tsc=reliable` and `no_timer_check` avoid clocksource watchdog and
-/// timer checks that are slow and flaky under a software-assisted KVM.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable";
+/// Default kernel command line.
+///
+/// - `console=ttyS0`: the 8250 console; `8250.nr_uarts=1 pci=off`: skip absent hardware.
+/// - `reboot=k`: reboot through the i8042 reset line the VMM watches; `panic=1`: a panic
+///   resets at once (the VMM reports it as a crash, having seen the panic line).
+/// - `tsc=reliable no_timer_check`: skip clocksource watchdog and timer checks that are slow
+///   and flaky when VM exits are expensive.
+/// - `noxsave clearcpuid=141,151,288,306,308,158,534`: keep the guest off instructions that a
+///   software-assisted KVM's emulator cannot execute (XSAVE/XRSTOR, CMPXCHG16B=141,
+///   POPCNT=151, FSGSBASE=288, RDSEED=306, SMAP's CLAC/STAC=308, RDRAND=158, RDPID=534).
+///   Such a KVM may not apply KVM_SET_CPUID2 to what the guest sees, so hiding them in CPUID
+///   (which lucos-vmm also does) is not enough there. On hardware KVM these only forgo
+///   optimizations; clearcpuid taints the kernel (TAINT_CPU_OUT_OF_SPEC), which is harmless.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable \
+     noxsave clearcpuid=141,151,288,306,308,158,534";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {

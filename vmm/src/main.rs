@@ -69,6 +69,9 @@ struct RunArgs {
     /// Sample where the vCPUs are every MS milliseconds; print the hottest kernel functions at exit.
     #[arg(long, value_name = "MS")]
     profile: Option<u64>,
+    /// With --profile: also record up to N callers per sample (heuristic stack scan).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    profile_depth: usize,
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
@@ -104,6 +107,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             timeout: args.timeout.map(Duration::from_secs),
             console: None,
             profile: args.profile.map(Duration::from_millis),
+            profile_depth: args.profile_depth,
         })
         .map_err(|e| e.to_string())?;
     if let Some(sock) = &args.api_sock {

@@ -16,8 +16,10 @@ pub struct Profiler {
 }
 
 impl Profiler {
-    /// Starts sampling every `period`.
-    pub fn start(handle: VmHandle, period: Duration) -> Self {
+    /// Starts sampling every `period`. With `depth` > 0 each sample also records up to
+    /// `depth` callers: kernel-text addresses found on the stack above RSP (a heuristic
+    /// stack, good enough to see who calls a hot function).
+    pub fn start(handle: VmHandle, period: Duration, depth: usize) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::Builder::new()
@@ -33,10 +35,32 @@ impl Profiler {
                         let key = if !v.kernel_mode {
                             "<user>".to_string()
                         } else {
-                            match handle.symbols().and_then(|t| t.lookup(v.rip)) {
-                                Some((sym, _)) => sym.name.clone(),
-                                None => format!("{:#x}", v.rip),
+                            let name = |a: u64| handle.symbols().and_then(|t| t.lookup(a)).map(|(s, _)| s.name.clone());
+                            let mut chain = vec![name(v.rip).unwrap_or_else(|| format!("{:#x}", v.rip))];
+                            if depth > 0 {
+                                let g = crate::introspect::GuestVirt::new(handle.memory(), v.cr3);
+                                let mut stack = [0u8; 512];
+                                if g.read(v.rsp, &mut stack).is_ok() {
+                                    for w in stack.chunks_exact(8) {
+                                        let a = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                                        if a >> 32 != 0xffff_ffff {
+                                            continue;
+                                        }
+                                        if let Some(n) = name(a) {
+                                            if chain.last() != Some(&n)
+                                                && handle.symbols().and_then(|t| t.get(&n)).map(|s| s.is_func)
+                                                    == Some(true)
+                                            {
+                                                chain.push(n);
+                                            }
+                                        }
+                                        if chain.len() > depth {
+                                            break;
+                                        }
+                                    }
+                                }
                             }
+                            chain.join(" <- ")
                         };
                         *counts.entry(key).or_default() += 1;
                     }

@@ -138,6 +138,8 @@ pub struct RunOptions {
     pub console: Option<Box<dyn Write + Send>>,
     /// Sample vCPU locations this often and print a profile at exit.
     pub profile: Option<Duration>,
+    /// Callers recorded per profile sample.
+    pub profile_depth: usize,
 }
 
 /// A built, not yet running VM.
@@ -311,6 +313,7 @@ impl Vm {
                     shared: self.shared.clone(),
                 },
                 p,
+                opts.profile_depth,
             )
         });
         let reason = wait_for_exit(&self.events, opts.timeout);

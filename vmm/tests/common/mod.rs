@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 /// Generous limit so a wedged guest fails the test instead of hanging CI.
-pub const BOOT_TIMEOUT_SECS: u64 = 300;
+pub const BOOT_TIMEOUT_SECS: u64 = 900;
 
 /// The images folder: $LUCOS_IMAGES or <workspace>/images/out.
 pub fn images_dir() -> PathBuf {
