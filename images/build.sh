@@ -112,6 +112,12 @@ cp /bin/busybox "$stage/bin/busybox"
 cp "$here/initramfs/init" "$stage/init"
 chmod 0755 "$stage/init"
 if [ -d "$here/initramfs/lucos" ]; then cp -a "$here/initramfs/lucos/." "$stage/lucos/"; fi
+# Guest test programs: freestanding C (raw syscalls, no libc), static.
+for src in "$here"/initramfs/progs/*.c; do
+    [ -e "$src" ] || continue
+    gcc -static -nostdlib -nostartfiles -ffreestanding -fno-stack-protector -fno-builtin -O2 \
+        -o "$stage/lucos/$(basename "$src" .c)" "$src"
+done
 # Extra files (e.g. static lucosctl) can be dropped in by callers via LUCOS_INITRAMFS_EXTRA.
 if [ -n "${LUCOS_INITRAMFS_EXTRA:-}" ] && [ -d "$LUCOS_INITRAMFS_EXTRA" ]; then
     cp -a "$LUCOS_INITRAMFS_EXTRA/." "$stage/"

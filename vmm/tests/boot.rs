@@ -48,6 +48,10 @@ fn boots_to_userspace_with_one_vcpu() {
 
 #[test]
 fn boots_smp_with_two_vcpus() {
+    if !common::hw_virt() {
+        common::skip_note("the SMP boot");
+        return;
+    }
     let b = boot(
         2,
         "echo CPUS-ONLINE $(cat /sys/devices/system/cpu/online) PROCS $(grep -c ^processor /proc/cpuinfo)",

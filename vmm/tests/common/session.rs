@@ -38,8 +38,15 @@ impl Session {
         let stdin = child.stdin.take().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = channel();
+        // The console also goes to a file, to follow a slow guest while the test runs.
+        let log_path = std::env::temp_dir().join(format!("lucos-console-{}-{}.log", std::process::id(), child.id()));
+        eprintln!("guest console log: {}", log_path.display());
+        let mut log = std::fs::File::create(&log_path).ok();
         std::thread::spawn(move || {
             for l in BufReader::new(stdout).lines() {
+                if let (Some(f), Ok(l)) = (log.as_mut(), l.as_ref()) {
+                    let _ = writeln!(f, "{l}");
+                }
                 let Ok(l) = l else { break };
                 if tx.send(l.trim_end_matches('\r').to_string()).is_err() {
                     break;
