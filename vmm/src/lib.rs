@@ -24,6 +24,7 @@ pub mod layout;
 pub mod memory;
 pub mod pause;
 pub mod profile;
+pub mod quirks;
 pub mod symbols;
 pub mod update;
 pub mod vcpu;

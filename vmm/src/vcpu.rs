@@ -55,6 +55,7 @@ pub struct VcpuShared {
     pub stop: AtomicBool,
     pub symbols: Option<Arc<SymbolTable>>,
     pub pause: PauseControl,
+    pub quirks: crate::quirks::Quirks,
 }
 
 /// Sends the kick signal to a vCPU thread.

@@ -239,6 +239,7 @@ impl Vm {
             stop: std::sync::atomic::AtomicBool::new(false),
             symbols,
             pause: PauseControl::new(config.vcpus as usize),
+            quirks: Default::default(),
         });
 
         // vCPUs.
