@@ -202,11 +202,16 @@ impl Vcpu {
     /// emulation failure is fatal and reported with the decoded instruction.
     fn handle_internal_error(&mut self, suberror: u32) -> bool {
         let decoded = fault::decode_at_rip(&self.fd, &self.shared.mem);
+        let code = decoded.as_ref().and_then(|d| d.insn.map(|i| i.code()));
+        if suberror == 1 && code == Some(Code::Sysretq) && self.shared.quirks.sysret(&self.fd) {
+            return true;
+        }
         if suberror == 1 {
-            if let Some(d) = decoded
-                .as_ref()
-                .filter(|d| d.insn.map(|i| i.code()) == Some(Code::Int3))
-            {
+            if let Some(d) = decoded.as_ref().filter(|_| code == Some(Code::Int3)) {
+                if self.shared.quirks.on_int3(&self.fd, d.rip) {
+                    return true;
+                }
+                self.shared.quirks.arm(&self.fd, &self.shared.mem);
                 match self.inject_breakpoint(d.rip) {
                     Ok(()) => return true,
                     Err(e) => warn!("vcpu{}: re-injecting #BP failed: {e}", self.id),
