@@ -208,10 +208,7 @@ impl Vcpu {
         }
         if suberror == 1 {
             if let Some(d) = decoded.as_ref().filter(|_| code == Some(Code::Int3)) {
-                if self.shared.quirks.on_int3(&self.fd, d.rip) {
-                    return true;
-                }
-                self.shared.quirks.arm(&self.fd, &self.shared.mem);
+                self.shared.quirks.arm();
                 match self.inject_breakpoint(d.rip) {
                     Ok(()) => return true,
                     Err(e) => warn!("vcpu{}: re-injecting #BP failed: {e}", self.id),
