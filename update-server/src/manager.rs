@@ -318,11 +318,7 @@ impl Manager {
                         }
                     }
                     for f in funcs {
-                        let (from, to) = if install {
-                            (&f.saved, &f.jump)
-                        } else {
-                            (&f.jump, &f.saved)
-                        };
+                        let from = if install { &f.saved } else { &f.jump };
                         let mut cur = vec![0u8; JMP_LEN];
                         g.read(f.site, &mut cur)?;
                         if &cur != from {
@@ -333,7 +329,6 @@ impl Manager {
                                 runpre::disasm(&cur, f.site, 2)
                             )));
                         }
-                        let _ = to;
                     }
                     for f in funcs {
                         let to = if install { &f.jump } else { &f.saved };

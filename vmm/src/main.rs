@@ -105,7 +105,6 @@ fn run(args: RunArgs) -> Result<i32, String> {
         .run(RunOptions {
             stdin: !args.no_stdin,
             timeout: args.timeout.map(Duration::from_secs),
-            console: None,
             profile: args.profile.map(Duration::from_millis),
             profile_depth: args.profile_depth,
         })

@@ -35,8 +35,10 @@ impl Profiler {
                         let key = if !v.kernel_mode {
                             "<user>".to_string()
                         } else {
-                            let name = |a: u64| handle.symbols().and_then(|t| t.lookup(a)).map(|(s, _)| s.name.clone());
-                            let mut chain = vec![name(v.rip).unwrap_or_else(|| format!("{:#x}", v.rip))];
+                            let lookup = |a: u64| handle.symbols().and_then(|t| t.lookup(a)).map(|(s, _)| s);
+                            let mut chain = vec![lookup(v.rip)
+                                .map(|s| s.name.clone())
+                                .unwrap_or_else(|| format!("{:#x}", v.rip))];
                             if depth > 0 {
                                 let g = crate::introspect::GuestVirt::new(handle.memory(), v.cr3);
                                 let mut stack = [0u8; 512];
@@ -46,12 +48,9 @@ impl Profiler {
                                         if a >> 32 != 0xffff_ffff {
                                             continue;
                                         }
-                                        if let Some(n) = name(a) {
-                                            if chain.last() != Some(&n)
-                                                && handle.symbols().and_then(|t| t.get(&n)).map(|s| s.is_func)
-                                                    == Some(true)
-                                            {
-                                                chain.push(n);
+                                        if let Some(s) = lookup(a).filter(|s| s.is_func) {
+                                            if chain.last() != Some(&s.name) {
+                                                chain.push(s.name.clone());
                                             }
                                         }
                                         if chain.len() > depth {

@@ -134,8 +134,6 @@ pub struct RunOptions {
     pub stdin: bool,
     /// Stop the guest after this long.
     pub timeout: Option<Duration>,
-    /// Where the console output goes (stdout if None).
-    pub console: Option<Box<dyn Write + Send>>,
     /// Sample vCPU locations this often and print a profile at exit.
     pub profile: Option<Duration>,
     /// Callers recorded per profile sample.
@@ -150,7 +148,6 @@ pub struct Vm {
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<SerialPort>>,
     events: Receiver<VmEvent>,
-    events_tx: std::sync::mpsc::Sender<VmEvent>,
 }
 
 impl Vm {
@@ -283,7 +280,6 @@ impl Vm {
             shared,
             serial,
             events,
-            events_tx,
         })
     }
 
@@ -292,7 +288,7 @@ impl Vm {
         vcpu::register_kick_handler().map_err(VmError::Signal)?;
         let _raw = opts.stdin.then(console::RawModeGuard::new);
         if opts.stdin {
-            console::spawn_stdin_forwarder(self.serial.clone(), self.events_tx.clone(), true);
+            console::spawn_stdin_forwarder(self.serial.clone(), self.shared.events.clone(), true);
         }
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         for v in self.vcpus {
