@@ -37,7 +37,7 @@ log() { printf '[images %(%H:%M:%S)T] %s\n' -1 "$*"; }
 t_start=$(date +%s)
 
 deps=(linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves cpio
-      busybox-static xz-utils python3)
+      busybox-static xz-utils python3 file)
 missing=()
 for p in "${deps[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -118,7 +118,18 @@ for src in "$here"/initramfs/progs/*.c; do
     gcc -static -nostdlib -nostartfiles -ffreestanding -fno-stack-protector -fno-builtin -O2 \
         -o "$stage/lucos/$(basename "$src" .c)" "$src"
 done
-# Extra files (e.g. static lucosctl) can be dropped in by callers via LUCOS_INITRAMFS_EXTRA.
+# lucosctl for the guest (/bin/lucosctl, talks to the VMM over AF_VSOCK with --vsock): a
+# static glibc build, as no musl target is assumed to be installed.
+log "building static lucosctl"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+(cd "$root" && RUSTFLAGS='-C target-feature=+crt-static' cargo build --release -q \
+    -p lucos-update-server --bin lucosctl --target x86_64-unknown-linux-gnu)
+lucosctl="$target_dir/x86_64-unknown-linux-gnu/release/lucosctl"
+if ! file -L "$lucosctl" | grep -Eq 'statically linked|static-pie linked'; then
+    echo "build.sh: $lucosctl is not statically linked: $(file -L "$lucosctl")" >&2; exit 1
+fi
+strip -o "$stage/bin/lucosctl" "$lucosctl"
+# Extra files can be dropped in by callers via LUCOS_INITRAMFS_EXTRA.
 if [ -n "${LUCOS_INITRAMFS_EXTRA:-}" ] && [ -d "$LUCOS_INITRAMFS_EXTRA" ]; then
     cp -a "$LUCOS_INITRAMFS_EXTRA/." "$stage/"
 fi

@@ -12,8 +12,13 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const MARKER: &str = "lucos-init: userspace up";
-const CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable lucos.run=true";
+/// Both VMMs boot with lucos-vmm's default command line (it keeps the guest off
+/// instructions a software-assisted KVM cannot emulate) plus this.
+const EXTRA_CMDLINE: &str = "lucos.run=true";
+
+fn cmdline() -> String {
+    format!("{} {EXTRA_CMDLINE}", lucos_vmm::config::DEFAULT_CMDLINE)
+}
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 
 struct Opts {
@@ -103,9 +108,11 @@ fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
 
 fn lucos_cmd(o: &Opts) -> Command {
     let mut c = Command::new(&o.vmm);
+    // No vsock device: the QEMU side has no virtio devices either.
     c.args([
         "run",
         "--no-stdin",
+        "--no-vsock",
         "--timeout",
         "300",
         "--vcpus",
@@ -117,7 +124,7 @@ fn lucos_cmd(o: &Opts) -> Command {
     .arg(&o.kernel)
     .arg("--initrd")
     .arg(&o.initrd)
-    .args(["--cmdline", CMDLINE]);
+    .args(["--cmdline", &cmdline()]);
     c
 }
 
@@ -144,7 +151,7 @@ fn qemu_cmd(o: &Opts) -> Command {
     .arg(&o.kernel)
     .arg("-initrd")
     .arg(&o.initrd)
-    .args(["-append", CMDLINE]);
+    .args(["-append", &cmdline()]);
     c
 }
 

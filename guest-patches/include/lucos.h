@@ -31,6 +31,12 @@ struct lucos_info {
 	char description[256];
 };
 
+struct lucos_data {
+	char name[LUCOS_NAME_MAX];	/* kernel global whose meaning changes */
+	u64 mul;			/* new value = old value * mul / div */
+	u64 div;
+};
+
 /* Replace kernel function `old` (by symbol name) with `new` from this module. */
 #define LUCOS_REPLACE(old, new)							\
 	static const struct lucos_replace __lucos_replace_##new			\
@@ -38,6 +44,24 @@ struct lucos_info {
 		.old_name = #old,						\
 		.new_name = #new,						\
 		.new_func = (void *)(new),					\
+	}
+
+/*
+ * Data patch: the patched code keeps the integer kernel global `sym` (4 or 8 bytes) in new
+ * units, new = old * mul / div. The update server (outside the guest) carries the state
+ * over: when the jumps are installed it converts the current value and write-protects the
+ * global's page; until the patch commits, every write to it from code outside this
+ * module (old code still running) is converted the same way, writes from this module's
+ * code are stored as they are. At commit the protection is dropped. Rollback converts
+ * back (value * div / mul) and treats writes from this module's code, still running, the
+ * same way until the rollback finishes.
+ */
+#define LUCOS_DATA_SCALE(sym, m, d)						\
+	static const struct lucos_data __lucos_data_##sym			\
+	__used __section(".lucos.data") __aligned(8) = {			\
+		.name = #sym,							\
+		.mul = (m),							\
+		.div = (d),							\
 	}
 
 /* Name and describe the patch (once per module). */

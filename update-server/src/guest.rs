@@ -1,6 +1,7 @@
 //! What the update server needs from the VMM, as a trait: the VMM implements it over its
 //! guest memory, vCPUs and kernel introspection. Keeps this crate free of KVM details.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -35,6 +36,11 @@ pub struct PatchRegion {
     pub size: u64,
 }
 
+/// What a guest write to a write-protected object stores. Called with the write's offset
+/// from the object's start (negative or past its end for other data on the same page), the
+/// bytes written and the writer's RIP; returns the bytes to store at the written address.
+pub type WriteRule = Arc<dyn Fn(i64, &[u8], u64) -> Vec<u8> + Send + Sync>;
+
 pub trait Guest: Send + Sync {
     /// Address and size of a guest kernel symbol.
     fn symbol(&self, name: &str) -> Option<(u64, u64)>;
@@ -52,4 +58,9 @@ pub trait Guest: Send + Sync {
     fn tasks(&self, vcpus: &[VcpuState]) -> Result<Vec<TaskState>, GuestError>;
     /// The reserved patch window.
     fn patch_region(&self) -> PatchRegion;
+    /// Write-protects the page(s) of kernel object `[va, va+len)` for `owner`: reads stay
+    /// at full speed, every guest write goes through `rule`. Only inside `stop_the_world`.
+    fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError>;
+    /// Drops every protection of `owner`. Only inside `stop_the_world`.
+    fn unprotect(&self, owner: &str) -> Result<(), GuestError>;
 }

@@ -214,6 +214,7 @@ mod tests {
                 },
             ],
             relocs,
+            data: vec![],
             replaces: vec![],
             warnings: vec![],
         }

@@ -8,6 +8,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
@@ -15,9 +17,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::alloc::RegionAllocator;
-use crate::guest::{Guest, GuestError, VcpuState};
+use crate::guest::{Guest, GuestError, VcpuState, WriteRule};
 use crate::link::{self, LinkError};
-use crate::module::{ModuleError, PatchModule};
+use crate::module::{DataRule, ModuleError, PatchModule};
 use crate::runpre::{self, FTRACE_NOP, JMP_LEN};
 
 /// How often a pause is retried when a vCPU sits on a patch site.
@@ -43,6 +45,15 @@ pub enum ApplyError {
     Guest(#[from] GuestError),
     #[error("a vCPU kept executing a patch site after {SITE_RETRIES} tries: {0}")]
     Busy(String),
+    #[error("data object '{0}' not found in the guest kernel's symbol table")]
+    NoDataObject(String),
+    #[error("data object '{name}' at {addr:#x} ({size} bytes) cannot be patched: {why}")]
+    BadDataObject {
+        name: String,
+        addr: u64,
+        size: u64,
+        why: String,
+    },
     #[error("no patch with id {0}")]
     NoSuchPatch(u32),
     #[error("patch {id} is already {state}")]
@@ -85,6 +96,75 @@ pub struct FuncPatch {
     pub jump: Vec<u8>,
 }
 
+/// A global whose meaning the patch changes (`LUCOS_DATA_SCALE`).
+#[derive(Debug, Clone, Serialize)]
+pub struct DataPatch {
+    pub name: String,
+    pub addr: u64,
+    pub size: u64,
+    pub mul: u64,
+    pub div: u64,
+    /// Write-protected right now (during a transition).
+    pub protected: bool,
+    /// Guest writes trapped on the object's page(s), since apply.
+    #[serde(skip)]
+    pub faults: Arc<AtomicU64>,
+    /// Of those, writes to the object that were converted (state transfer).
+    #[serde(skip)]
+    pub converted: Arc<AtomicU64>,
+}
+
+impl DataPatch {
+    fn rule(&self) -> DataRule {
+        DataRule {
+            name: self.name.clone(),
+            mul: self.mul,
+            div: self.div,
+        }
+    }
+}
+
+fn read_uint(g: &dyn Guest, addr: u64, size: u64) -> Result<u64, GuestError> {
+    let mut b = [0u8; 8];
+    g.read(addr, &mut b[..size as usize])?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn write_uint(g: &dyn Guest, addr: u64, size: u64, v: u64) -> Result<(), GuestError> {
+    g.write(addr, &v.to_le_bytes()[..size as usize])
+}
+
+/// The write rule while a data patch is in a transition. Every trapped write on the
+/// page is counted in `faults`. A whole-object write is converted with `conv` when the
+/// writer's RIP is outside the patch image `image` (apply: old code writes old units) or,
+/// with `from_image`, inside it (rollback: the patch's code writes new units); everything
+/// else is stored as written.
+fn transfer_rule(
+    size: u64,
+    image: (u64, u64),
+    from_image: bool,
+    conv: impl Fn(u64) -> u64 + Send + Sync + 'static,
+    faults: Arc<AtomicU64>,
+    converted: Arc<AtomicU64>,
+) -> WriteRule {
+    Arc::new(move |off: i64, bytes: &[u8], rip: u64| {
+        faults.fetch_add(1, Ordering::Relaxed);
+        let in_image = rip >= image.0 && rip < image.1;
+        if off == 0 && bytes.len() as u64 == size && in_image == from_image {
+            let mut b = [0u8; 8];
+            b[..bytes.len()].copy_from_slice(bytes);
+            converted.fetch_add(1, Ordering::Relaxed);
+            return conv(u64::from_le_bytes(b)).to_le_bytes()[..bytes.len()].to_vec();
+        }
+        bytes.to_vec()
+    })
+}
+
+/// The owner name of a patch's write protections.
+fn owner(id: u32) -> String {
+    format!("patch-{id}")
+}
+
 /// Who still runs code that blocks a transition.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Blocker {
@@ -99,6 +179,7 @@ pub struct Patch {
     pub description: String,
     pub state: PatchState,
     pub funcs: Vec<FuncPatch>,
+    pub data: Vec<DataPatch>,
     pub image_addr: u64,
     pub image_size: u64,
     pub warnings: Vec<String>,
@@ -136,6 +217,24 @@ impl Patch {
                 s,
                 "  {} ({:#x}, {} bytes) -> {} ({:#x})",
                 f.old_name, f.old_addr, f.old_size, f.new_name, f.new_addr
+            );
+        }
+        for d in &self.data {
+            let _ = writeln!(
+                s,
+                "  data {} ({:#x}, {} bytes): new = old * {} / {}; {} trapped writes, {} converted; {}",
+                d.name,
+                d.addr,
+                d.size,
+                d.mul,
+                d.div,
+                d.faults.load(Ordering::Relaxed),
+                d.converted.load(Ordering::Relaxed),
+                if d.protected {
+                    "write-protected"
+                } else {
+                    "not protected"
+                }
             );
         }
         let _ = writeln!(s, "  code+data at {:#x} ({} bytes)", self.image_addr, self.image_size);
@@ -192,6 +291,49 @@ impl Manager {
             .ok_or(ApplyError::NoSuchPatch(id))
     }
 
+    /// Finds and checks the globals a module's data rules name.
+    fn resolve_data(g: &dyn Guest, m: &PatchModule) -> Result<Vec<DataPatch>, ApplyError> {
+        let range = |a: &str, b: &str| Some((g.symbol(a)?.0, g.symbol(b)?.0));
+        let text = range("_stext", "_etext");
+        let rodata = range("__start_rodata", "__end_rodata");
+        let mut out: Vec<DataPatch> = Vec::new();
+        for r in &m.data {
+            let (addr, size) = g
+                .symbol(&r.name)
+                .ok_or_else(|| ApplyError::NoDataObject(r.name.clone()))?;
+            let bad = |why: String| ApplyError::BadDataObject {
+                name: r.name.clone(),
+                addr,
+                size,
+                why,
+            };
+            if size != 4 && size != 8 {
+                return Err(bad("only 4- and 8-byte integers can be scaled".into()));
+            }
+            for (what, rng) in [("kernel text", text), ("read-only data", rodata)] {
+                if let Some((lo, hi)) = rng {
+                    if addr < hi && addr + size > lo {
+                        return Err(bad(format!("it lies in {what}")));
+                    }
+                }
+            }
+            if let Some(o) = out.iter().find(|o| o.addr >> 12 == addr >> 12) {
+                return Err(bad(format!("it shares a page with '{}' of the same patch", o.name)));
+            }
+            out.push(DataPatch {
+                name: r.name.clone(),
+                addr,
+                size,
+                mul: r.mul,
+                div: r.div,
+                protected: false,
+                faults: Arc::default(),
+                converted: Arc::default(),
+            });
+        }
+        Ok(out)
+    }
+
     /// Applies a parsed module. On any error the guest is left untouched.
     pub fn apply(&mut self, g: &dyn Guest, m: &PatchModule) -> Result<u32, ApplyError> {
         let t0 = Instant::now();
@@ -213,12 +355,13 @@ impl Manager {
             }
             olds.push((addr, size));
         }
+        let data = Self::resolve_data(g, m)?;
         let need = link::layout(m).size;
         let base = self.alloc.alloc(need).ok_or(ApplyError::NoSpace {
             need,
             free: self.alloc.free_bytes(),
         })?;
-        match self.apply_at(g, m, &olds, base, t0) {
+        match self.apply_at(g, m, &olds, data, base, t0) {
             Ok(id) => Ok(id),
             Err(e) => {
                 self.alloc.free(base);
@@ -232,6 +375,7 @@ impl Manager {
         g: &dyn Guest,
         m: &PatchModule,
         olds: &[(u64, u64)],
+        mut data: Vec<DataPatch>,
         base: u64,
         t0: Instant,
     ) -> Result<u32, ApplyError> {
@@ -266,9 +410,13 @@ impl Manager {
         }
         // Copy code and data in; nothing executes it until the jumps exist.
         g.write(base, &linked.image)?;
-        let pause = self.swap_sites(g, &funcs, true)?;
         let id = self.next_id;
+        let image = (base, base + linked.layout.size);
+        let pause = self.swap_sites(g, &funcs, true, &data, id, image)?;
         self.next_id += 1;
+        for d in &mut data {
+            d.protected = true;
+        }
         for f in &funcs {
             self.sites.entry(f.site).or_default().push(id);
         }
@@ -282,6 +430,7 @@ impl Manager {
             description: m.description.clone(),
             state: PatchState::Transition,
             funcs,
+            data,
             image_addr: base,
             image_size: linked.layout.size,
             warnings: m.warnings.clone(),
@@ -305,7 +454,15 @@ impl Manager {
 
     /// Stops the world and writes each function's jump (`install`) or saved bytes. Retries
     /// while a vCPU's RIP is inside a site; re-checks the bytes with the world stopped.
-    fn swap_sites(&self, g: &dyn Guest, funcs: &[FuncPatch], install: bool) -> Result<Duration, ApplyError> {
+    fn swap_sites(
+        &self,
+        g: &dyn Guest,
+        funcs: &[FuncPatch],
+        install: bool,
+        data: &[DataPatch],
+        id: u32,
+        image: (u64, u64),
+    ) -> Result<Duration, ApplyError> {
         let mut last = String::new();
         for attempt in 0..SITE_RETRIES {
             let mut outcome: Result<bool, ApplyError> = Ok(false);
@@ -334,6 +491,14 @@ impl Manager {
                         let to = if install { &f.jump } else { &f.saved };
                         g.write(f.site, to)?;
                     }
+                    // Carry the data over in the same pause; undo the jumps if that fails.
+                    if let Err(e) = Self::transfer_data(g, data, id, image, install) {
+                        for f in funcs {
+                            let back = if install { &f.saved } else { &f.jump };
+                            let _ = g.write(f.site, back);
+                        }
+                        return Err(e);
+                    }
                     Ok(true)
                 })();
             })?;
@@ -347,6 +512,47 @@ impl Manager {
             }
         }
         Err(ApplyError::Busy(last))
+    }
+
+    /// With the world stopped: converts each data object's value (forward on apply,
+    /// backward on rollback) and write-protects it with the matching transfer rule. On
+    /// failure every value and protection is restored.
+    fn transfer_data(
+        g: &dyn Guest,
+        data: &[DataPatch],
+        id: u32,
+        image: (u64, u64),
+        install: bool,
+    ) -> Result<(), ApplyError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let who = owner(id);
+        if !install {
+            // The forward protection is still there if the patch never committed.
+            let _ = g.unprotect(&who);
+        }
+        let mut done: Vec<(u64, u64, u64)> = Vec::new();
+        let result = (|| -> Result<(), ApplyError> {
+            for d in data {
+                let v = read_uint(g, d.addr, d.size)?;
+                let rule = d.rule();
+                let nv = if install { rule.forward(v) } else { rule.backward(v) };
+                write_uint(g, d.addr, d.size, nv)?;
+                done.push((d.addr, d.size, v));
+                let conv = move |x: u64| if install { rule.forward(x) } else { rule.backward(x) };
+                let r = transfer_rule(d.size, image, !install, conv, d.faults.clone(), d.converted.clone());
+                g.protect(d.addr, d.size, &who, r)?;
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = g.unprotect(&who);
+            for (addr, size, v) in done {
+                let _ = write_uint(g, addr, size, v);
+            }
+        }
+        result
     }
 
     /// Ranges a thread must not be in for `p`'s current transition to finish.
@@ -376,15 +582,26 @@ impl Manager {
         if ranges.is_empty() {
             return Ok(p.state);
         }
+        let protected = p.data.iter().any(|d| d.protected);
         let mut result: Result<Vec<Blocker>, GuestError> = Ok(vec![]);
         g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             result = find_blockers(g, vcpus, &ranges);
+            // Transition over: no old code can write old units any more; drop protection
+            // in the same pause.
+            if protected && matches!(&result, Ok(b) if b.is_empty()) {
+                if let Err(e) = g.unprotect(&owner(id)) {
+                    result = Err(e);
+                }
+            }
         })?;
         let blockers = result?;
         let p = self.get_mut(id)?;
         p.checks += 1;
         p.blockers = blockers;
         if p.blockers.is_empty() {
+            for d in &mut p.data {
+                d.protected = false;
+            }
             match p.state {
                 PatchState::Transition => {
                     p.state = PatchState::Committed;
@@ -439,7 +656,9 @@ impl Manager {
             }
         }
         let funcs = p.funcs.clone();
-        let pause = self.swap_sites(g, &funcs, false)?;
+        let data = p.data.clone();
+        let image = (p.image_addr, p.image_addr + p.image_size);
+        let pause = self.swap_sites(g, &funcs, false, &data, id, image)?;
         for f in &funcs {
             if let Some(v) = self.sites.get_mut(&f.site) {
                 v.pop();
@@ -448,6 +667,9 @@ impl Manager {
         let p = self.get_mut(id)?;
         p.state = PatchState::RollingBack;
         p.blockers.clear();
+        for d in &mut p.data {
+            d.protected = true;
+        }
         info!("patch {id}: original code restored (vCPUs paused {pause:?})");
         self.check(g, id)
     }
@@ -488,4 +710,142 @@ pub fn find_blockers(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::{PatchRegion, TaskState};
+    use std::sync::Mutex;
+
+    /// Guest memory as a byte map; protection recorded, writes routed through the rule.
+    #[derive(Default)]
+    struct FakeGuest {
+        mem: Mutex<HashMap<u64, u8>>,
+        rules: Mutex<Vec<(u64, u64, String, WriteRule)>>,
+        fail_protect: bool,
+    }
+
+    impl FakeGuest {
+        /// A guest write of `v` at `addr` from code at `rip`, as the VMM would complete it.
+        fn guest_write(&self, addr: u64, v: u64, rip: u64) {
+            let rules = self.rules.lock().unwrap();
+            let bytes = v.to_le_bytes().to_vec();
+            let out = match rules.iter().find(|r| addr >> 12 == r.0 >> 12) {
+                Some(r) => (r.3)(addr as i64 - r.0 as i64, &bytes, rip),
+                None => bytes,
+            };
+            drop(rules);
+            self.write(addr, &out).unwrap();
+        }
+        fn value(&self, addr: u64) -> u64 {
+            read_uint(self, addr, 8).unwrap()
+        }
+    }
+
+    impl Guest for FakeGuest {
+        fn symbol(&self, _: &str) -> Option<(u64, u64)> {
+            None
+        }
+        fn describe(&self, a: u64) -> String {
+            format!("{a:#x}")
+        }
+        fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+            let m = self.mem.lock().unwrap();
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = *m.get(&(va + i as u64)).unwrap_or(&0);
+            }
+            Ok(())
+        }
+        fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError> {
+            let mut m = self.mem.lock().unwrap();
+            for (i, b) in data.iter().enumerate() {
+                m.insert(va + i as u64, *b);
+            }
+            Ok(())
+        }
+        fn stop_the_world(&self, f: &mut dyn FnMut(&[VcpuState])) -> Result<Duration, GuestError> {
+            f(&[]);
+            Ok(Duration::ZERO)
+        }
+        fn tasks(&self, _: &[VcpuState]) -> Result<Vec<TaskState>, GuestError> {
+            Ok(vec![])
+        }
+        fn patch_region(&self) -> PatchRegion {
+            PatchRegion { va: 0, size: 0 }
+        }
+        fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {
+            if self.fail_protect {
+                return Err(GuestError("no read-only memslots".into()));
+            }
+            self.rules.lock().unwrap().push((va, len, owner.into(), rule));
+            Ok(())
+        }
+        fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
+            let mut r = self.rules.lock().unwrap();
+            let before = r.len();
+            r.retain(|x| x.2 != owner);
+            if r.len() == before {
+                return Err(GuestError(format!("no protection for {owner}")));
+            }
+            Ok(())
+        }
+    }
+
+    const OBJ: u64 = 0xffff_ffff_8200_1000;
+    const IMAGE: (u64, u64) = (0xffff_ffff_9000_0000, 0xffff_ffff_9000_2000);
+    const OLD_CODE: u64 = 0xffff_ffff_8100_0100;
+    const NEW_CODE: u64 = IMAGE.0 + 0x40;
+
+    fn ms_to_us() -> DataPatch {
+        DataPatch {
+            name: "timeout".into(),
+            addr: OBJ,
+            size: 8,
+            mul: 1000,
+            div: 1,
+            protected: false,
+            faults: Arc::default(),
+            converted: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn apply_converts_value_and_old_code_writes_until_commit() {
+        let g = FakeGuest::default();
+        write_uint(&g, OBJ, 8, 250).unwrap();
+        let d = ms_to_us();
+        Manager::transfer_data(&g, std::slice::from_ref(&d), 7, IMAGE, true).unwrap();
+        assert_eq!(g.value(OBJ), 250_000, "current value converted at apply");
+        g.guest_write(OBJ, 500, OLD_CODE);
+        assert_eq!(g.value(OBJ), 500_000, "old code's write converted");
+        g.guest_write(OBJ, 42_000, NEW_CODE);
+        assert_eq!(g.value(OBJ), 42_000, "new code's write stored as is");
+        g.guest_write(OBJ + 8, 3, OLD_CODE);
+        assert_eq!(g.value(OBJ + 8), 3, "a neighbour on the same page is untouched");
+        assert_eq!(d.faults.load(Ordering::Relaxed), 3);
+        assert_eq!(d.converted.load(Ordering::Relaxed), 1);
+        // Commit drops the protection; rollback converts back and protects against the
+        // patch's own code still running.
+        g.unprotect(&owner(7)).unwrap();
+        Manager::transfer_data(&g, std::slice::from_ref(&d), 7, IMAGE, false).unwrap();
+        assert_eq!(g.value(OBJ), 42);
+        g.guest_write(OBJ, 9_000, NEW_CODE);
+        assert_eq!(g.value(OBJ), 9);
+        g.guest_write(OBJ, 77, OLD_CODE);
+        assert_eq!(g.value(OBJ), 77);
+    }
+
+    #[test]
+    fn failed_protection_restores_the_value() {
+        let g = FakeGuest {
+            fail_protect: true,
+            ..Default::default()
+        };
+        write_uint(&g, OBJ, 8, 250).unwrap();
+        let e = Manager::transfer_data(&g, &[ms_to_us()], 1, IMAGE, true).unwrap_err();
+        assert!(e.to_string().contains("no read-only memslots"), "{e}");
+        assert_eq!(g.value(OBJ), 250, "value restored");
+        assert!(g.rules.lock().unwrap().is_empty(), "nothing left protected");
+    }
 }

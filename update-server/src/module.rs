@@ -11,6 +11,7 @@ use thiserror::Error;
 pub const NAME_MAX: usize = 128;
 const REPLACE_RECORD: usize = 2 * NAME_MAX + 8;
 const INFO_RECORD: usize = 4 + NAME_MAX + 256;
+const DATA_RECORD: usize = NAME_MAX + 16;
 pub const ABI_VERSION: u32 = 1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -29,6 +30,8 @@ pub enum ModuleError {
     NoNewFunction(String),
     #[error("module uses {0}, which needs in-kernel registration lucos cannot do from outside the guest")]
     Unsupported(String),
+    #[error("data rule for '{name}' scales by {mul}/{div}: both must be non-zero")]
+    BadScale { name: String, mul: u64, div: u64 },
     #[error("relocation in {section} at {offset:#x}: {what}")]
     BadRelocation { section: String, offset: u64, what: String },
 }
@@ -81,6 +84,49 @@ pub struct Replace {
     pub new_offset: u64,
 }
 
+/// One `LUCOS_DATA_SCALE` record: the global `name` is kept as `old * mul / div` by the
+/// new code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataRule {
+    pub name: String,
+    pub mul: u64,
+    pub div: u64,
+}
+
+impl DataRule {
+    /// Old units to new.
+    pub fn forward(&self, v: u64) -> u64 {
+        ((v as u128 * self.mul as u128) / self.div as u128) as u64
+    }
+
+    /// New units to old.
+    pub fn backward(&self, v: u64) -> u64 {
+        ((v as u128 * self.div as u128) / self.mul as u128) as u64
+    }
+}
+
+/// Parses the `.lucos.data` section contents.
+pub fn parse_data_rules(d: &[u8]) -> Result<Vec<DataRule>, ModuleError> {
+    if !d.len().is_multiple_of(DATA_RECORD) {
+        return Err(ModuleError::BadRecords {
+            section: ".lucos.data".into(),
+            size: d.len() as u64,
+            record: DATA_RECORD,
+        });
+    }
+    d.chunks(DATA_RECORD)
+        .map(|rec| {
+            let name = cstr(&rec[..NAME_MAX])?;
+            let word = |i: usize| u64::from_le_bytes(rec[i..i + 8].try_into().unwrap_or([0; 8]));
+            let (mul, div) = (word(NAME_MAX), word(NAME_MAX + 8));
+            if mul == 0 || div == 0 {
+                return Err(ModuleError::BadScale { name, mul, div });
+            }
+            Ok(DataRule { name, mul, div })
+        })
+        .collect()
+}
+
 /// A parsed patch module.
 #[derive(Debug, Clone)]
 pub struct PatchModule {
@@ -89,6 +135,8 @@ pub struct PatchModule {
     pub sections: Vec<LoadSection>,
     pub relocs: Vec<Reloc>,
     pub replaces: Vec<Replace>,
+    /// Globals whose meaning the patch changes (`LUCOS_DATA_SCALE`).
+    pub data: Vec<DataRule>,
     pub warnings: Vec<String>,
 }
 
@@ -318,13 +366,61 @@ impl PatchModule {
                 new_offset: offset,
             });
         }
+        // .lucos.data (optional)
+        let data = match file.section_by_name(".lucos.data") {
+            Some(sec) => parse_data_rules(sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?)?,
+            None => Vec::new(),
+        };
         Ok(PatchModule {
             name,
             description,
             sections,
             relocs,
             replaces,
+            data,
             warnings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, mul: u64, div: u64) -> Vec<u8> {
+        let mut r = vec![0u8; DATA_RECORD];
+        r[..name.len()].copy_from_slice(name.as_bytes());
+        r[NAME_MAX..NAME_MAX + 8].copy_from_slice(&mul.to_le_bytes());
+        r[NAME_MAX + 8..].copy_from_slice(&div.to_le_bytes());
+        r
+    }
+
+    #[test]
+    fn data_records() {
+        let mut d = record("lucos_demo_timeout", 1000, 1);
+        d.extend(record("other", 1, 4));
+        let rules = parse_data_rules(&d).unwrap();
+        assert_eq!(rules.len(), 2);
+        assert_eq!(
+            (rules[0].name.as_str(), rules[0].mul, rules[0].div),
+            ("lucos_demo_timeout", 1000, 1)
+        );
+        assert_eq!(rules[0].forward(250), 250_000);
+        assert_eq!(rules[0].backward(250_000), 250);
+        assert_eq!(rules[1].forward(8), 2);
+        assert_eq!(
+            rules[0].forward(u64::MAX / 10),
+            (u64::MAX / 10).wrapping_mul(1000),
+            "wraps like the guest would"
+        );
+        assert!(matches!(parse_data_rules(&d[1..]), Err(ModuleError::BadRecords { .. })));
+        assert!(matches!(
+            parse_data_rules(&record("x", 0, 1)),
+            Err(ModuleError::BadScale { .. })
+        ));
+        assert!(matches!(
+            parse_data_rules(&[0xffu8; DATA_RECORD]),
+            Err(ModuleError::BadName)
+        ));
     }
 }

@@ -13,8 +13,11 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The vsock port the update server listens on at the host end (CID 2).
-pub const VSOCK_PORT: u32 = 7070;
+/// The vsock port the update server listens on at the host end (CID 2, the VMM). A guest
+/// program connects with `socket(AF_VSOCK, SOCK_STREAM)` to `{cid: 2, port: VSOCK_PORT}`
+/// (`lucosctl --vsock`) and speaks the same frames as on the Unix API socket. 1024 is the
+/// first unprivileged port (only binding to lower ports needs CAP_NET_BIND_SERVICE).
+pub const VSOCK_PORT: u32 = 1024;
 /// Largest header accepted.
 pub const MAX_HEADER: u32 = 64 * 1024;
 /// Largest payload accepted (a patch module).

@@ -30,6 +30,8 @@ pub enum ConfigError {
     MemTooLarge(u64),
     #[error("vCPU count {0} is out of range: 1..={MAX_VCPUS}")]
     BadVcpus(u8),
+    #[error("vsock CID {0} is reserved: guest CIDs are 3..=4294967294")]
+    BadVsockCid(u64),
 }
 
 /// Smallest useful guest.
@@ -47,7 +49,12 @@ pub struct VmConfig {
     pub cmdline: String,
     pub mem_bytes: u64,
     pub vcpus: u8,
+    /// The guest's vsock CID; `None` leaves out the virtio-vsock device.
+    pub vsock_cid: Option<u64>,
 }
+
+/// Default guest CID (the first one that is not reserved: 0 hypervisor, 1 local, 2 host).
+pub const DEFAULT_VSOCK_CID: u64 = 3;
 
 impl VmConfig {
     /// Checks sizes and counts.
@@ -61,6 +68,12 @@ impl VmConfig {
         }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::BadVcpus(self.vcpus));
+        }
+        if let Some(cid) = self.vsock_cid {
+            // Linux keeps CIDs in 32 bits; u32::MAX is VMADDR_CID_ANY.
+            if !(3..u32::MAX as u64).contains(&cid) {
+                return Err(ConfigError::BadVsockCid(cid));
+            }
         }
         Ok(())
     }
@@ -110,7 +123,14 @@ mod tests {
             cmdline: String::new(),
             mem_bytes: 512 << 20,
             vcpus: 2,
+            vsock_cid: Some(3),
         };
+        assert!(c.validate().is_ok());
+        c.vsock_cid = Some(2);
+        assert_eq!(c.validate(), Err(ConfigError::BadVsockCid(2)));
+        c.vsock_cid = Some(u32::MAX as u64);
+        assert_eq!(c.validate(), Err(ConfigError::BadVsockCid(u32::MAX as u64)));
+        c.vsock_cid = None;
         assert!(c.validate().is_ok());
         c.vcpus = 0;
         assert_eq!(c.validate(), Err(ConfigError::BadVcpus(0)));

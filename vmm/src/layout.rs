@@ -49,10 +49,17 @@ pub const IOAPIC_PINS: u8 = 24;
 pub const SERIAL_IRQ: u32 = 4;
 /// I/O port of COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
+/// Size of the virtio-mmio vsock device's register window (at [`DEVICE_MMIO_START`]).
+pub const VSOCK_MMIO_SIZE: u64 = 0x1000;
+/// IOAPIC pin of the virtio-mmio vsock device (free: the PIT has 0/2, COM1 4).
+pub const VSOCK_IRQ: u32 = 5;
 
 /// Size of the patch region: guest RAM the VMM keeps for live-patch code and data
 /// (e820 reserved, never used by the guest kernel).
 pub const PATCH_REGION_SIZE: u64 = 16 << 20;
+/// The first page of the patch region holds platform code the VMM puts in the guest (the
+/// PVM syscall shim, [`crate::pvm`]); patches get the rest.
+pub const PLATFORM_PAGE_SIZE: u64 = 4096;
 /// The kernel's high mapping (`__START_KERNEL_map`) covers the first GiB of physical
 /// memory (KERNEL_IMAGE_SIZE); the patch region must lie inside it so it can be mapped at
 /// `__START_KERNEL_map + phys`, within jmp rel32 reach of kernel text.

@@ -8,10 +8,14 @@
 //! - [`memory`]: guest RAM allocation and KVM memslots.
 //! - [`boot`]: everything written into the guest before the first instruction:
 //!   kernel + initrd loading, boot_params/e820, GDT, page tables, MP table, CPUID, registers.
-//! - [`devices`]: port-I/O devices (8250 serial, i8042 reset).
+//! - [`devices`]: port-I/O devices (8250 serial, i8042 reset) and the virtio-mmio vsock
+//!   device, with the port-I/O and MMIO buses.
 //! - [`vcpu`]: vCPU threads, their run loop and kicking them out of KVM_RUN.
 //! - [`fault`]: decoding and reporting guest exits the VMM cannot handle.
 //! - [`console`]: the host terminal side of the serial console.
+//! - [`pvm`], [`quirks`]: running on PVM and other software-assisted KVMs.
+//! - [`protect`]: write protection of guest pages through read-only memslots.
+//! - [`microvm`]: a ten-instruction guest for fast tests and benchmarks on the real KVM.
 //! - [`vm`]: puts it all together and runs the guest until it stops.
 
 pub mod boot;
@@ -22,8 +26,11 @@ pub mod fault;
 pub mod introspect;
 pub mod layout;
 pub mod memory;
+pub mod microvm;
 pub mod pause;
 pub mod profile;
+pub mod protect;
+pub mod pvm;
 pub mod quirks;
 pub mod symbols;
 pub mod update;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use lucos_vmm::config::{parse_mem_size, DEFAULT_CMDLINE};
+use lucos_vmm::config::{parse_mem_size, DEFAULT_CMDLINE, DEFAULT_VSOCK_CID};
 use lucos_vmm::vm::RunOptions;
 use lucos_vmm::{Vm, VmConfig};
 
@@ -59,7 +59,14 @@ struct RunArgs {
     /// Do not forward stdin to the guest console.
     #[arg(long)]
     no_stdin: bool,
-    /// Serve the update API (lucosctl) on this Unix socket.
+    /// The guest's vsock CID (3 or more). Guest programs reach the update server at
+    /// CID 2, port 1024 (`lucosctl --vsock` in the guest).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VSOCK_CID)]
+    vsock_cid: u64,
+    /// Leave out the virtio-vsock device.
+    #[arg(long)]
+    no_vsock: bool,
+    /// Serve the update API (lucosctl) on this Unix socket (and on vsock port 1024).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
     /// ed25519 public key (hex file, from `lucosctl keygen`) whose signatures are accepted
@@ -92,6 +99,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
         cmdline,
         mem_bytes,
         vcpus: args.vcpus,
+        vsock_cid: (!args.no_vsock).then_some(args.vsock_cid),
     };
     let vm = Vm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
     if let Some(sock) = &args.api_sock {

@@ -1,6 +1,6 @@
 //! Guest RAM: allocation around the 32-bit MMIO hole and registration as KVM memslots.
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -45,23 +45,41 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMem, MemoryError> {
     })
 }
 
+/// Sets memslot `slot` to map guest-physical `[gpa, gpa+size)` at host address `host`
+/// (`size` 0 deletes the slot). The host range must be part of the VM's [`GuestMem`] and
+/// must not overlap another slot: callers derive both from the guest memory regions
+/// ([`register_memslots`], [`crate::protect::MemSlots`]).
+pub fn set_memslot(
+    vm: &VmFd,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+    readonly: bool,
+) -> Result<(), kvm_ioctls::Error> {
+    let r = kvm_userspace_memory_region {
+        slot,
+        flags: if readonly { KVM_MEM_READONLY } else { 0 },
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: the host range [host, +size) lies in a live mmap of the VM's GuestMem, which
+    // lives as long as the VM; callers keep slots disjoint (see above).
+    unsafe { vm.set_user_memory_region(r) }
+}
+
 /// Registers every RAM region with KVM, one memslot each.
 pub fn register_memslots(vm: &VmFd, mem: &GuestMem) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the host range [userspace_addr, +memory_size) is a live mmap owned by `mem`,
-        // which the caller keeps alive for as long as the VM exists; slots do not overlap.
-        unsafe { vm.set_user_memory_region(r) }.map_err(|source| MemoryError::SetRegion {
-            slot: r.slot,
-            gpa: r.guest_phys_addr,
-            size: r.memory_size,
-            source,
+        let (gpa, size) = (region.start_addr().0, region.len());
+        set_memslot(vm, slot as u32, gpa, size, region.as_ptr() as u64, false).map_err(|source| {
+            MemoryError::SetRegion {
+                slot: slot as u32,
+                gpa,
+                size,
+                source,
+            }
         })?;
     }
     Ok(())

@@ -1,58 +1,58 @@
 //! Workarounds for a software-assisted KVM (no VMX/SVM) whose instruction emulator lacks
-//! instructions hardware KVM never needs to emulate. They arm only after the VMM has seen
-//! such a KVM at work — an `int3` emulation-failure exit, which never happens on hardware
-//! KVM — so they cannot change anything there.
+//! instructions hardware KVM never needs to emulate. They arm when the host is PVM in
+//! native mode (see [`crate::pvm`]) or after the VMM has seen such a KVM at work — an
+//! `int3` emulation-failure exit, which never happens on hardware KVM — so they cannot
+//! change anything there.
 //!
 //! - `sysretq` is missing from KVM's emulator: when it fails to emulate, the VMM performs it
 //!   (RIP=RCX, RFLAGS from R11, user CS/SS from MSR_STAR).
-//!
-//! Known and not yet handled: on the same KVM, `syscall` from guest user mode reaches
-//! MSR_LSTAR without the switch to CPL 0, so the fetch of `entry_SYSCALL_64` faults in user
-//! mode and guest userspace dies on its first system call (see README).
+//! - On PVM, `syscall` from guest user mode loses its privilege switch: the
+//!   [`SyscallShim`] is installed in the guest once its IDT is ready.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kvm_bindings::{kvm_msr_entry, kvm_segment, Msrs};
+use kvm_bindings::kvm_segment;
 use kvm_ioctls::VcpuFd;
 use log::info;
 
-const MSR_STAR: u32 = 0xc000_0081;
+use crate::boot::gdt::{gdt_entry, kvm_segment_from_gdt};
+use crate::boot::regs::{read_msrs, MSR_STAR};
+use crate::memory::GuestMem;
+use crate::pvm::SyscallShim;
 
 /// Shared state of the workarounds.
 #[derive(Default)]
 pub struct Quirks {
     armed: AtomicBool,
+    shim: Option<SyscallShim>,
 }
 
-fn get_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
-    let mut m = Msrs::from_entries(&[kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
-    (vcpu.get_msrs(&mut m).ok()? == 1).then(|| m.as_slice()[0].data)
-}
-
-/// A flat 64-bit code or data segment.
-fn seg(selector: u16, dpl: u8, code: bool) -> kvm_segment {
+/// A flat 64-bit user code or data segment with selector `selector`.
+fn user_seg(selector: u16, code: bool) -> kvm_segment {
+    let flags = if code { 0xa0fb } else { 0xc0f3 }; // present, DPL 3; code: L; data: D/B; G
     kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
         selector,
-        type_: if code { 0xb } else { 0x3 },
-        present: 1,
-        dpl,
-        db: u8::from(!code),
-        s: 1,
-        l: u8::from(code),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
+        ..kvm_segment_from_gdt(gdt_entry(flags, 0, 0xfffff), 0)
     }
 }
 
 impl Quirks {
+    /// Workarounds for a host known up front to be PVM in native mode.
+    pub fn for_pvm(shim: Option<SyscallShim>) -> Self {
+        Self {
+            armed: AtomicBool::new(true),
+            shim,
+        }
+    }
+
+    /// Called by a vCPU thread after each VM exit; cheap unless a shim is waiting to be
+    /// installed.
+    pub fn after_exit(&self, mem: &GuestMem, vcpu: &VcpuFd) {
+        if let Some(s) = self.shim.as_ref().filter(|s| s.pending()) {
+            s.poll(mem, vcpu);
+        }
+    }
+
     pub fn armed(&self) -> bool {
         self.armed.load(Ordering::Acquire)
     }
@@ -64,6 +64,28 @@ impl Quirks {
         }
     }
 
+    /// Performs `fwait` (`wait`, `len` bytes at RIP), which some software KVM emulators lack:
+    /// with an unmasked x87 exception pending (FSW.ES) it raises #MF, otherwise it does
+    /// nothing. Exact on any KVM, so it needs no arming. Returns true if handled.
+    pub fn fwait(&self, vcpu: &VcpuFd, len: usize) -> bool {
+        const FSW_ES: u16 = 1 << 7;
+        const MF_VECTOR: u8 = 16;
+        let (Ok(fpu), Ok(mut regs)) = (vcpu.get_fpu(), vcpu.get_regs()) else {
+            return false;
+        };
+        if fpu.fsw & FSW_ES != 0 {
+            let Ok(mut ev) = vcpu.get_vcpu_events() else {
+                return false;
+            };
+            ev.exception.injected = 1;
+            ev.exception.nr = MF_VECTOR;
+            ev.exception.has_error_code = 0;
+            return vcpu.set_vcpu_events(&ev).is_ok();
+        }
+        regs.rip = regs.rip.wrapping_add(len as u64);
+        vcpu.set_regs(&regs).is_ok()
+    }
+
     /// Performs `sysretq` when armed. Returns true if handled.
     pub fn sysret(&self, vcpu: &VcpuFd) -> bool {
         if !self.armed() {
@@ -72,12 +94,12 @@ impl Quirks {
         let (Ok(mut regs), Ok(mut sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
             return false;
         };
-        let Some(star) = get_msr(vcpu, MSR_STAR) else {
+        let Some([star]) = read_msrs(vcpu, [MSR_STAR]) else {
             return false;
         };
         let base = ((star >> 48) & 0xffff) as u16;
-        sregs.cs = seg((base + 16) | 3, 3, true);
-        sregs.ss = seg((base + 8) | 3, 3, false);
+        sregs.cs = user_seg((base + 16) | 3, true);
+        sregs.ss = user_seg((base + 8) | 3, false);
         regs.rip = regs.rcx;
         regs.rflags = (regs.r11 & 0x3c_7fd7) | 2;
         vcpu.set_sregs(&sregs).is_ok() && vcpu.set_regs(&regs).is_ok()
@@ -90,9 +112,9 @@ mod tests {
 
     #[test]
     fn user_segments_for_sysret() {
-        let cs = seg(0x33, 3, true);
+        let cs = user_seg(0x33, true);
         assert_eq!((cs.l, cs.db, cs.dpl, cs.type_), (1, 0, 3, 0xb));
-        let ss = seg(0x2b, 3, false);
+        let ss = user_seg(0x2b, false);
         assert_eq!((ss.l, ss.db, ss.dpl, ss.type_), (0, 1, 3, 0x3));
         let q = Quirks::default();
         assert!(!q.armed());

@@ -16,7 +16,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use log::{debug, warn};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
-use crate::devices::PioBus;
+use crate::devices::virtio::muxer::ListenerSlot;
+use crate::devices::{MmioBus, PioBus};
 use crate::fault;
 use crate::memory::GuestMem;
 use crate::pause::{PauseControl, VcpuSnapshot};
@@ -51,11 +52,16 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 pub struct VcpuShared {
     pub mem: GuestMem,
     pub pio: PioBus,
+    pub mmio: MmioBus,
+    /// Where the vsock device looks for the host-side listener (None: no vsock device).
+    pub vsock_listener: Option<ListenerSlot>,
     pub events: Sender<VmEvent>,
     pub stop: AtomicBool,
     pub symbols: Option<Arc<SymbolTable>>,
     pub pause: PauseControl,
     pub quirks: crate::quirks::Quirks,
+    /// Write-protected guest pages (data patches).
+    pub protect: crate::protect::WriteProtect,
 }
 
 /// Sends the kick signal to a vCPU thread.
@@ -79,7 +85,15 @@ pub struct Vcpu {
 /// What a VM exit asks the loop to do after the kvm_run borrow ends.
 enum Next {
     Continue,
-    InternalError { suberror: u32 },
+    /// A guest write to a write-protected page, completed once the exit's borrow ends
+    /// (the handler gets the writer's RIP).
+    ProtectedWrite {
+        addr: u64,
+        data: Vec<u8>,
+    },
+    InternalError {
+        suberror: u32,
+    },
     Fatal(String),
     Stop,
 }
@@ -101,12 +115,24 @@ impl Vcpu {
         KVM_RUN_PTR.with(|c| c.set(p));
         while !self.shared.stop.load(Ordering::Acquire) {
             let next = self.run_once();
+            self.shared.quirks.after_exit(&self.shared.mem, &self.fd);
             if self.shared.pause.is_requested() {
                 let snap = self.snapshot();
                 self.shared.pause.park(snap, &self.shared.stop);
             }
             match next {
                 Next::Continue => {}
+                Next::ProtectedWrite { addr, data } => {
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    if !self
+                        .shared
+                        .protect
+                        .on_write(&self.shared.mem, self.id, rip, addr, &data)
+                    {
+                        // Unprotected meanwhile: the page is plain RAM again.
+                        let _ = vm_memory::Bytes::write_slice(&self.shared.mem, &data, vm_memory::GuestAddress(addr));
+                    }
+                }
                 Next::Stop => break,
                 Next::InternalError { suberror } => {
                     if !self.handle_internal_error(suberror) {
@@ -153,13 +179,20 @@ impl Vcpu {
                     Next::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    debug!("vcpu{id}: unclaimed MMIO read at {addr:#x}");
-                    data.fill(0);
+                    shared.mmio.read(addr, data);
                     Next::Continue
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    debug!("vcpu{id}: unclaimed MMIO write at {addr:#x} = {data:02x?}");
-                    Next::Continue
+                    // A write to a write-protected RAM page (data patch), else device MMIO.
+                    if shared.protect.covers(addr) {
+                        Next::ProtectedWrite {
+                            addr,
+                            data: data.to_vec(),
+                        }
+                    } else {
+                        shared.mmio.write(addr, data);
+                        Next::Continue
+                    }
                 }
                 VcpuExit::Hlt => Next::Continue,
                 VcpuExit::Intr => Next::Continue,
@@ -195,6 +228,9 @@ impl Vcpu {
 
     /// Handles KVM_EXIT_INTERNAL_ERROR. Returns true if the vCPU can go on.
     ///
+    /// `sysretq` and `fwait` missing from a software KVM's emulator are performed here
+    /// (see [`crate::quirks`]).
+    ///
     /// An emulation failure on `int3` is recoverable: the guest meant to raise #BP (Linux
     /// uses int3 for text patching: static keys, ftrace, its own self-test), and on
     /// hardware KVM it never exits at all. We deliver the #BP the CPU would have raised: as
@@ -205,6 +241,12 @@ impl Vcpu {
         let code = decoded.as_ref().and_then(|d| d.insn.map(|i| i.code()));
         if suberror == 1 && code == Some(Code::Sysretq) && self.shared.quirks.sysret(&self.fd) {
             return true;
+        }
+        if suberror == 1 && code == Some(Code::Wait) {
+            let len = decoded.as_ref().and_then(|d| d.insn.map(|i| i.len())).unwrap_or(1);
+            if self.shared.quirks.fwait(&self.fd, len) {
+                return true;
+            }
         }
         if suberror == 1 {
             if let Some(d) = decoded.as_ref().filter(|_| code == Some(Code::Int3)) {

@@ -21,8 +21,12 @@ use crate::config::{ConfigError, VmConfig};
 use crate::console;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{ConsoleOut, EventFdTrigger, SerialPort};
-use crate::devices::PioBus;
-use crate::layout::{CMDLINE_START, SERIAL_IRQ, SERIAL_PORT};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::muxer::{ListenerSlot, PortListener};
+use crate::devices::virtio::vsock::Vsock;
+use crate::devices::virtio::Interrupt;
+use crate::devices::{MmioBus, PioBus};
+use crate::layout::{CMDLINE_START, DEVICE_MMIO_START, SERIAL_IRQ, SERIAL_PORT, VSOCK_IRQ, VSOCK_MMIO_SIZE};
 use crate::memory::{self, GuestMem};
 use crate::pause::{PauseControl, PauseError, Paused};
 use crate::symbols::SymbolTable;
@@ -121,6 +125,8 @@ pub enum VmError {
     Signal(vmm_sys_util::errno::Error),
     #[error("device setup: {0}")]
     Device(#[from] crate::devices::bus::OverlapError),
+    #[error("device setup: {0}")]
+    MmioDevice(#[from] crate::devices::mmio_bus::MmioOverlapError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -143,7 +149,7 @@ pub struct RunOptions {
 /// A built, not yet running VM.
 pub struct Vm {
     _kvm: Kvm,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
     vcpus: Vec<Vcpu>,
     shared: Arc<VcpuShared>,
     serial: Arc<Mutex<SerialPort>>,
@@ -192,7 +198,11 @@ impl Vm {
             }
             None => None,
         };
-        let cmdline_len = loader::load_cmdline(&mem, &config.cmdline)?;
+        let cmdline = match config.vsock_cid {
+            Some(_) => format!("{} {}", config.cmdline, vsock_cmdline()),
+            None => config.cmdline.clone(),
+        };
+        let cmdline_len = loader::load_cmdline(&mem, &cmdline)?;
         let patch_gpa = crate::layout::patch_region_start(config.mem_bytes);
         let e820 = params::e820_map(config.mem_bytes, &[(patch_gpa, crate::layout::PATCH_REGION_SIZE)]);
         let bp = params::build_boot_params(&e820, CMDLINE_START, cmdline_len, initrd)?;
@@ -201,7 +211,7 @@ impl Vm {
         mptable::write(&mem, config.vcpus)?;
         info!(
             "kernel entry {:#x}, end {:#x}; initrd {:?}; cmdline '{}'",
-            kernel.entry, kernel.end, initrd, config.cmdline
+            kernel.entry, kernel.end, initrd, cmdline
         );
 
         let symbols = match SymbolTable::from_elf(&config.kernel) {
@@ -229,14 +239,54 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
         )?;
 
+        let mut mmio = MmioBus::new();
+        let vsock_listener = match config.vsock_cid {
+            Some(cid) => {
+                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+                vm.register_irqfd(&evt, VSOCK_IRQ)
+                    .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
+                let slot: ListenerSlot = Default::default();
+                let dev = Vsock::new(cid, slot.clone());
+                let transport = MmioTransport::new(Box::new(dev), mem.clone(), Arc::new(Interrupt::new(evt)));
+                mmio.insert(DEVICE_MMIO_START, VSOCK_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+                info!("virtio-vsock: guest cid {cid} at {DEVICE_MMIO_START:#x}, irq {VSOCK_IRQ}");
+                Some(slot)
+            }
+            None => None,
+        };
+
+        let pvm_native = crate::pvm::host_is_pvm_native();
+        let quirks = if pvm_native {
+            let shim = match symbols.as_deref().map(|t| crate::pvm::SyscallShim::new(t, patch_gpa)) {
+                Some(Ok(s)) => Some(s),
+                Some(Err(e)) => {
+                    warn!("PVM host: {e}; guest userspace will not run");
+                    None
+                }
+                None => {
+                    warn!("PVM host: no kernel symbols for the syscall shim; guest userspace will not run");
+                    None
+                }
+            };
+            info!("host KVM is PVM in native mode: software-KVM workarounds on");
+            crate::quirks::Quirks::for_pvm(shim)
+        } else {
+            Default::default()
+        };
+        let vm_arc = Arc::new(vm);
+        let vm = &*vm_arc;
+        let protect = crate::protect::WriteProtect::new(crate::protect::MemSlots::new(vm_arc.clone(), &mem));
         let shared = Arc::new(VcpuShared {
             mem: mem.clone(),
             pio,
+            mmio,
+            vsock_listener,
             events: events_tx.clone(),
             stop: std::sync::atomic::AtomicBool::new(false),
             symbols,
             pause: PauseControl::new(config.vcpus as usize),
-            quirks: Default::default(),
+            quirks,
+            protect,
         });
 
         // vCPUs.
@@ -248,6 +298,9 @@ impl Vm {
             let fd = vm.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut entries = supported.as_slice().to_vec();
             cpuid::filter(&mut entries, id, config.vcpus);
+            if pvm_native {
+                cpuid::hide_pv_hypercalls(&mut entries);
+            }
             let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
                 what: "building CPUID",
                 source: kvm_ioctls::Error::new(libc::E2BIG),
@@ -275,7 +328,7 @@ impl Vm {
         info!("VM built in {:?}", t0.elapsed());
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm,
+            _vm: vm_arc,
             vcpus,
             shared,
             serial,
@@ -321,6 +374,15 @@ impl Vm {
         join_all(handles);
         Ok(reason)
     }
+}
+
+/// The kernel command line words that announce the vsock device to virtio_mmio
+/// (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES): `<size>@<base>:<irq>`.
+pub fn vsock_cmdline() -> String {
+    format!(
+        "virtio_mmio.device={}K@{DEVICE_MMIO_START:#x}:{VSOCK_IRQ}",
+        VSOCK_MMIO_SIZE >> 10
+    )
 }
 
 fn wait_for_exit(events: &Receiver<VmEvent>, timeout: Option<Duration>) -> ExitReason {
@@ -392,6 +454,36 @@ impl VmHandle {
 
     pub fn symbols_arc(&self) -> Option<Arc<SymbolTable>> {
         self.shared.symbols.clone()
+    }
+
+    /// Write-protects guest-physical `[gpa, gpa+len)` (whole pages) for `owner`: every
+    /// guest write to it then goes through `handler`. The memslots change, so every vCPU
+    /// must be paused (the update server calls this inside its stop-the-world).
+    pub fn write_protect(
+        &self,
+        gpa: u64,
+        len: u64,
+        owner: &str,
+        handler: crate::protect::WriteHandler,
+    ) -> Result<(), crate::protect::ProtectError> {
+        self.shared.protect.protect(gpa, len, owner, handler).map(|_| ())
+    }
+
+    /// Drops the write protection of `owner`; every vCPU must be paused.
+    pub fn write_unprotect(&self, owner: &str) -> Result<(), crate::protect::ProtectError> {
+        self.shared.protect.unprotect(owner)
+    }
+
+    /// Serves guest vsock connections to host ports with `listener` (replacing any earlier
+    /// one). Returns false when the VM has no vsock device.
+    pub fn set_vsock_listener(&self, listener: Arc<dyn PortListener>) -> bool {
+        match &self.shared.vsock_listener {
+            Some(slot) => {
+                *slot.write().unwrap_or_else(|e| e.into_inner()) = Some(listener);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Parks every vCPU outside KVM_RUN; they resume when the guard drops.

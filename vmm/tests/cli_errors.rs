@@ -62,6 +62,9 @@ fn missing_initrd_and_bad_sizes() {
     let (code, err) = run(&["run", "--no-stdin", "--kernel", k, "--mem", "1M"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("too small"), "{err}");
+    let (code, err) = run(&["run", "--no-stdin", "--kernel", k, "--vsock-cid", "2"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("vsock CID 2 is reserved"), "{err}");
 }
 
 #[test]

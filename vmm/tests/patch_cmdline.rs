@@ -4,40 +4,10 @@
 
 mod common;
 
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::time::{Duration, Instant};
-
+use common::api::{call, wait_state, Keys};
 use common::session::{build_patch, tempdir, Session};
-use lucos_update_server::protocol::{self, Op, Request, Response};
+use lucos_update_server::protocol::Op;
 use lucos_update_server::signing;
-
-fn call(sock: &Path, op: Op, id: Option<u32>, payload: &[u8]) -> Response {
-    let mut s = UnixStream::connect(sock).expect("connect API socket");
-    let req = Request {
-        op,
-        id,
-        payload_len: payload.len() as u64,
-    };
-    protocol::write_frame(&mut s, &req, payload).unwrap();
-    protocol::read_header(&mut s).unwrap()
-}
-
-fn wait_state(sock: &Path, id: u32, want: &str) -> Response {
-    let start = Instant::now();
-    loop {
-        let r = call(sock, Op::Status, Some(id), &[]);
-        assert!(r.ok, "{r:?}");
-        if r.patches[0].state == want {
-            return r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "patch {id} never became {want}: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
 
 fn cmdline(s: &mut Session) -> String {
     let out = s.run("cat /proc/cmdline");
@@ -48,29 +18,14 @@ fn cmdline(s: &mut Session) -> String {
 
 #[test]
 fn cmdline_patch_apply_observe_rollback() {
-    if !common::hw_virt() {
-        common::skip_note("the end-to-end patch session (it observes the patch from guest userspace)");
-        return;
-    }
     let ko = build_patch("cmdline/lucos_cmdline.ko");
     let dir = tempdir("patch-cmdline");
-    let (sk_hex, pk_hex) = signing::generate_keypair().unwrap();
-    std::fs::write(dir.join("k.key"), &sk_hex).unwrap();
-    std::fs::write(dir.join("k.pub"), &pk_hex).unwrap();
-    let sk = signing::load_signing_key(&dir.join("k.key")).unwrap();
+    let keys = Keys::new(&dir);
     let module = std::fs::read(&ko).unwrap();
-    let signed = signing::sign(&module, &sk);
+    let signed = keys.sign(&module);
     let sock = dir.join("api.sock");
 
-    let mut s = Session::boot(
-        1,
-        &[
-            "--api-sock",
-            sock.to_str().unwrap(),
-            "--trusted-key",
-            dir.join("k.pub").to_str().unwrap(),
-        ],
-    );
+    let mut s = Session::boot(1, &keys.vmm_args(&sock));
     let before = cmdline(&mut s);
     assert!(!before.starts_with("lucos-patched"), "{before}");
 
@@ -87,7 +42,7 @@ fn cmdline_patch_apply_observe_rollback() {
     assert!(!r.ok && r.error.contains("does not trust"), "{r:?}");
     let r = call(&sock, Op::Apply, None, &signed[100..]);
     assert!(!r.ok && r.error.contains("truncated"), "{r:?}");
-    let r = call(&sock, Op::Apply, None, &signing::sign(b"\x7fELF garbage", &sk));
+    let r = call(&sock, Op::Apply, None, &keys.sign(b"\x7fELF garbage"));
     assert!(!r.ok && r.error.contains("invalid patch module"), "{r:?}");
     let r = call(&sock, Op::Rollback, Some(42), &[]);
     assert!(!r.ok && r.error.contains("no patch with id 42"), "{r:?}");

@@ -12,14 +12,17 @@ const USAGE: &str = "\
 lucosctl: live-patch a lucos guest kernel
 
 usage:
-  lucosctl [--socket PATH] apply FILE.ko [--wait SECS]   submit a signed patch module
-  lucosctl [--socket PATH] list                          list patches
-  lucosctl [--socket PATH] status [ID]                   details (transition blockers, timings)
-  lucosctl [--socket PATH] rollback ID [--wait SECS]     undo a patch
+  lucosctl [CONN] apply FILE.ko [--wait SECS]   submit a signed patch module
+  lucosctl [CONN] list                          list patches
+  lucosctl [CONN] status [ID]                   details (transition blockers, timings)
+  lucosctl [CONN] rollback ID [--wait SECS]     undo a patch
   lucosctl keygen PREFIX                                 write PREFIX.key (private) and PREFIX.pub
   lucosctl sign --key PREFIX.key FILE.ko [-o OUT.ko]     append an ed25519 signature (default: in place)
 
-The API socket is the one given to `lucos-vmm run --api-sock` (default: $LUCOS_API_SOCK).
+CONN is one of:
+  --socket PATH   the Unix API socket given to `lucos-vmm run --api-sock` (default: $LUCOS_API_SOCK)
+  --vsock         inside the guest: AF_VSOCK to the VMM (CID 2), port 1024 (also: $LUCOS_VSOCK=1)
+  --port N        with --vsock: another port (for testing; the VMM resets unknown ports)
 --wait SECS polls until the patch is committed (apply) or rolled back (rollback).
 Exit codes: 0 ok, 1 the request failed (message on stderr), 2 usage error.";
 
@@ -31,7 +34,21 @@ fn usage_err(msg: &str) -> ExitCode {
 trait Conn: Read + Write {}
 impl<T: Read + Write> Conn for T {}
 
-fn connect(socket: &Option<PathBuf>) -> Result<Box<dyn Conn>, String> {
+/// How to reach the update server.
+enum Target {
+    Unix(Option<PathBuf>),
+    Vsock(u32),
+}
+
+fn connect(target: &Target) -> Result<Box<dyn Conn>, String> {
+    let socket = match target {
+        Target::Unix(s) => s,
+        Target::Vsock(port) => {
+            let s = vsock::connect(vsock::HOST_CID, *port)
+                .map_err(|e| format!("vsock connect to cid {} port {port}: {e}", vsock::HOST_CID))?;
+            return Ok(Box::new(s));
+        }
+    };
     let path = socket
         .clone()
         .or_else(|| std::env::var_os("LUCOS_API_SOCK").map(PathBuf::from))
@@ -94,14 +111,27 @@ fn wait_for(conn: &mut dyn Conn, id: u32, want: &str, secs: u64) -> Result<(), S
 
 fn run(args: Vec<String>) -> Result<(), String> {
     let mut socket = None;
+    let mut use_vsock = std::env::var("LUCOS_VSOCK").is_ok_and(|v| v == "1");
+    let mut port = protocol::VSOCK_PORT;
     let mut rest = Vec::new();
     let mut it = args.into_iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--socket" => socket = Some(PathBuf::from(it.next().ok_or("--socket needs a path")?)),
+            "--vsock" => use_vsock = true,
+            "--port" => {
+                let v = it.next().ok_or("--port needs a number")?;
+                port = v.parse().map_err(|_| format!("bad --port '{v}'"))?;
+                use_vsock = true;
+            }
             _ => rest.push(a),
         }
     }
+    let target = if use_vsock && socket.is_none() {
+        Target::Vsock(port)
+    } else {
+        Target::Unix(socket)
+    };
     let opt = |rest: &mut Vec<String>, name: &str| -> Result<Option<String>, String> {
         match rest.iter().position(|a| a == name) {
             Some(i) if i + 1 < rest.len() => {
@@ -121,20 +151,26 @@ fn run(args: Vec<String>) -> Result<(), String> {
         "apply" => {
             let file = rest.get(1).ok_or("apply needs FILE.ko")?;
             let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
-            let mut c = connect(&socket)?;
+            let mut c = connect(&target)?;
             let r = call(c.as_mut(), Op::Apply, None, &data)?;
             print_patches(&r, false);
             if let (Some(secs), Some(p)) = (wait, r.patches.first()) {
                 wait_for(c.as_mut(), p.id, "committed", secs)?;
             }
         }
-        "list" => print_patches(&call(connect(&socket)?.as_mut(), Op::List, None, &[])?, false),
+        "list" => {
+            let r = call(connect(&target)?.as_mut(), Op::List, None, &[])?;
+            if r.patches.is_empty() && r.message.is_empty() {
+                println!("no patches");
+            }
+            print_patches(&r, false);
+        }
         "status" => {
             let id = rest
                 .get(1)
                 .map(|s| s.parse::<u32>().map_err(|_| format!("bad patch id '{s}'")))
                 .transpose()?;
-            print_patches(&call(connect(&socket)?.as_mut(), Op::Status, id, &[])?, true);
+            print_patches(&call(connect(&target)?.as_mut(), Op::Status, id, &[])?, true);
         }
         "rollback" => {
             let id: u32 = rest
@@ -142,7 +178,7 @@ fn run(args: Vec<String>) -> Result<(), String> {
                 .ok_or("rollback needs an ID")?
                 .parse()
                 .map_err(|_| "bad patch id")?;
-            let mut c = connect(&socket)?;
+            let mut c = connect(&target)?;
             print_patches(&call(c.as_mut(), Op::Rollback, Some(id), &[])?, false);
             if let Some(secs) = wait {
                 wait_for(c.as_mut(), id, "rolled-back", secs)?;
@@ -182,6 +218,46 @@ fn run(args: Vec<String>) -> Result<(), String> {
         other => return Err(format!("unknown command '{other}'")),
     }
     Ok(())
+}
+
+/// AF_VSOCK client sockets (Linux), for use inside the guest.
+mod vsock {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    /// The host's CID (the VMM).
+    pub const HOST_CID: u32 = 2;
+
+    /// Connects a stream socket to `cid:port`; the socket reads and writes like a file.
+    pub fn connect(cid: u32, port: u32) -> io::Result<File> {
+        // SAFETY: plain system call with integer arguments.
+        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a socket we just created and own exclusively.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+        addr.svm_cid = cid;
+        addr.svm_port = port;
+        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
+        // SAFETY: `addr` is a properly initialized sockaddr_vm that outlives the call and
+        // `len` is its size; `fd` is an open socket.
+        let rc = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
+                len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(File::from(fd))
+    }
 }
 
 fn main() -> ExitCode {

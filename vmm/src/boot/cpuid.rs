@@ -91,6 +91,30 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8) {
     }
 }
 
+/// KVM's paravirtual feature leaf.
+pub const KVM_CPUID_FEATURES: u32 = 0x4000_0001;
+// Leaf 0x4000_0001 EAX: PV features that work through hypercalls (`vmcall`/`vmmcall`):
+// PV spinlock kicks (KVM_HC_KICK_CPU), PV IPIs (KVM_HC_SEND_IPI), PV yield (KVM_HC_SCHED_YIELD).
+const KVM_FEATURE_PV_UNHALT: u32 = 1 << 7;
+// PV TLB flush: the guest skips the flush IPI to a preempted vCPU and relies on KVM to flush
+// its TLB on the next entry (a flag in the steal-time area).
+const KVM_FEATURE_PV_TLB_FLUSH: u32 = 1 << 9;
+const KVM_FEATURE_PV_SEND_IPI: u32 = 1 << 11;
+const KVM_FEATURE_PV_SCHED_YIELD: u32 = 1 << 13;
+
+/// Hides the KVM PV features a PVM host in native mode does not implement. It does not
+/// return from a guest `vmmcall` (seen: the second vCPU's first PV IPI never completes and
+/// SMP bring-up hangs), so PV IPIs, PV spinlock kicks and PV yield go; and with PV TLB
+/// flush, guest processes crashed on NULL pointers when vCPUs were preempted (seen:
+/// busybox segfaults on CPU 1 with two guests sharing two host cores), so it goes too: the
+/// guest then sends real flush IPIs. kvm-clock and the other MSR-based features stay.
+pub fn hide_pv_hypercalls(entries: &mut [kvm_cpuid_entry2]) {
+    for e in entries.iter_mut().filter(|e| e.function == KVM_CPUID_FEATURES) {
+        e.eax &=
+            !(KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_SCHED_YIELD | KVM_FEATURE_PV_TLB_FLUSH);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +151,17 @@ mod tests {
         assert_eq!((e[2].edx, e[2].ebx), (1, 1));
         assert_eq!((e[3].eax, e[3].ebx, e[3].edx), (1, 2, 1));
         assert_eq!((e[4].eax, e[4].ebx), (0, 0));
+    }
+
+    #[test]
+    fn hides_hypercall_pv_features_only() {
+        let clocksource2 = 1 << 3;
+        let mut e = vec![entry(KVM_CPUID_FEATURES, 0, u32::MAX, 0, 0, 0), entry(1, 0, 0, 0, 0, 0)];
+        hide_pv_hypercalls(&mut e);
+        assert_eq!(
+            e[0].eax & (KVM_FEATURE_PV_SEND_IPI | KVM_FEATURE_PV_UNHALT | KVM_FEATURE_PV_SCHED_YIELD),
+            0
+        );
+        assert_ne!(e[0].eax & clocksource2, 0, "kvm-clock stays");
     }
 }

@@ -20,8 +20,8 @@ const EFER_LMA: u64 = 1 << 10;
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-const MSR_STAR: u32 = 0xc000_0081;
-const MSR_LSTAR: u32 = 0xc000_0082;
+pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
@@ -94,6 +94,23 @@ pub fn boot_sregs(mem: &GuestMem, mut sregs: kvm_sregs, cr3: u64) -> Result<kvm_
     sregs.cr4 |= X86_CR4_PAE;
     sregs.efer |= EFER_LME | EFER_LMA;
     Ok(sregs)
+}
+
+/// Reads MSRs `idx` of a vCPU (None if KVM does not return all of them).
+pub fn read_msrs<const N: usize>(vcpu: &VcpuFd, idx: [u32; N]) -> Option<[u64; N]> {
+    let mut m = Msrs::from_entries(&idx.map(|index| kvm_msr_entry {
+        index,
+        ..Default::default()
+    }))
+    .ok()?;
+    if vcpu.get_msrs(&mut m).ok()? != N {
+        return None;
+    }
+    let mut out = [0u64; N];
+    for (o, e) in out.iter_mut().zip(m.as_slice()) {
+        *o = e.data;
+    }
+    Some(out)
 }
 
 /// MSR values at boot.

@@ -1,7 +1,11 @@
-//! Port-I/O devices and the bus that dispatches guest port accesses to them.
+//! Devices: port-I/O devices (serial, i8042) and the virtio-mmio vsock device, and the
+//! buses that dispatch guest port and MMIO accesses to them.
 
 pub mod bus;
 pub mod i8042;
+pub mod mmio_bus;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{PioBus, PioDevice};
+pub use mmio_bus::{MmioBus, MmioDevice};

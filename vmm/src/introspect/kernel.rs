@@ -137,44 +137,49 @@ impl GuestKernel {
     /// mappings (cleanup_highmap cleared them) and never creates new ones. Entries already
     /// mapping the same pages are left as they are; any other present entry is an error.
     pub fn map_high(&self, mem: &GuestMem, gpa: u64, size: u64) -> Result<u64, KernelError> {
-        use vm_memory::{Bytes, GuestAddress};
-        let va = START_KERNEL_MAP + gpa;
-        let end = self.sym("_end")?;
-        if va < end || !gpa.is_multiple_of(SIZE_2M) || !size.is_multiple_of(SIZE_2M) || gpa + size > (1 << 30) {
+        map_high(mem, self.kernel_cr3, self.sym("_end")?, gpa, size)
+    }
+}
+
+/// [`GuestKernel::map_high`] without the BTF: `kernel_cr3` is the guest-physical address of
+/// `init_top_pgt`, `kernel_end` the address of `_end`.
+pub fn map_high(mem: &GuestMem, kernel_cr3: u64, kernel_end: u64, gpa: u64, size: u64) -> Result<u64, KernelError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let va = START_KERNEL_MAP + gpa;
+    if va < kernel_end || !gpa.is_multiple_of(SIZE_2M) || !size.is_multiple_of(SIZE_2M) || gpa + size > (1 << 30) {
+        return Err(KernelError::Mismatch(format!(
+            "patch region {gpa:#x}+{size:#x} cannot be mapped past the kernel image (ends at {kernel_end:#x})"
+        )));
+    }
+    let rd = |a: u64| -> Result<u64, KernelError> {
+        mem.read_obj(GuestAddress(a))
+            .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: a }))
+    };
+    let pml4e = rd(kernel_cr3 + ((va >> 39) & 0x1ff) * 8)?;
+    let pud = pml4e & PTE_ADDR;
+    let pude = rd(pud + ((va >> 30) & 0x1ff) * 8)?;
+    if pml4e & PTE_PRESENT == 0 || pude & PTE_PRESENT == 0 || pude & PTE_PSE != 0 {
+        return Err(KernelError::Mismatch("no level2_kernel_pgt under init_top_pgt".into()));
+    }
+    let pmd = pude & PTE_ADDR;
+    for i in 0..size / SIZE_2M {
+        let page = gpa + i * SIZE_2M;
+        let slot = pmd + (((va + i * SIZE_2M) >> 21) & 0x1ff) * 8;
+        let want = page | PTE_PRESENT | PTE_RW | PTE_ACCESSED | PTE_DIRTY | PTE_PSE;
+        let cur = rd(slot)?;
+        if cur == want {
+            continue;
+        }
+        if cur & PTE_PRESENT != 0 {
             return Err(KernelError::Mismatch(format!(
-                "patch region {gpa:#x}+{size:#x} cannot be mapped past the kernel image (ends at {end:#x})"
+                "kernel high map entry for {:#x} is already in use ({cur:#x})",
+                va + i * SIZE_2M
             )));
         }
-        let rd = |a: u64| -> Result<u64, KernelError> {
-            mem.read_obj(GuestAddress(a))
-                .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: a }))
-        };
-        let pml4e = rd(self.kernel_cr3 + ((va >> 39) & 0x1ff) * 8)?;
-        let pud = pml4e & PTE_ADDR;
-        let pude = rd(pud + ((va >> 30) & 0x1ff) * 8)?;
-        if pml4e & PTE_PRESENT == 0 || pude & PTE_PRESENT == 0 || pude & PTE_PSE != 0 {
-            return Err(KernelError::Mismatch("no level2_kernel_pgt under init_top_pgt".into()));
-        }
-        let pmd = pude & PTE_ADDR;
-        for i in 0..size / SIZE_2M {
-            let page = gpa + i * SIZE_2M;
-            let slot = pmd + (((va + i * SIZE_2M) >> 21) & 0x1ff) * 8;
-            let want = page | PTE_PRESENT | PTE_RW | PTE_ACCESSED | PTE_DIRTY | PTE_PSE;
-            let cur = rd(slot)?;
-            if cur == want {
-                continue;
-            }
-            if cur & PTE_PRESENT != 0 {
-                return Err(KernelError::Mismatch(format!(
-                    "kernel high map entry for {:#x} is already in use ({cur:#x})",
-                    va + i * SIZE_2M
-                )));
-            }
-            mem.write_obj(want, GuestAddress(slot))
-                .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: slot }))?;
-        }
-        Ok(va)
+        mem.write_obj(want, GuestAddress(slot))
+            .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: slot }))?;
     }
+    Ok(va)
 }
 
 /// Reads `linux_banner`'s bytes from the vmlinux file itself.

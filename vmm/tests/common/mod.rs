@@ -89,22 +89,5 @@ pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> 
     out.into()
 }
 
+pub mod api;
 pub mod session;
-
-/// Whether this host CPU has hardware virtualization (VMX/SVM). Without it, /dev/kvm here is
-/// a software-assisted KVM that runs the guest kernel but loses the privilege switch on
-/// SYSCALL (guest userspace dies on its first system call) and stalls bringing up a second
-/// vCPU; tests that need guest userspace or SMP run only where those work.
-pub fn hw_virt() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| {
-            c.lines()
-                .any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm")))
-        })
-        .unwrap_or(false)
-}
-
-/// Prints why a test is skipping part of its checks.
-pub fn skip_note(what: &str) {
-    eprintln!("NOTE: no VMX/SVM on this host: skipping {what} (needs a KVM that runs guest userspace)");
-}

@@ -111,6 +111,22 @@ impl Session {
         }
     }
 
+    /// Writes `data` to `path` in the guest, base64 over the console (small files only:
+    /// the serial line is slow).
+    pub fn upload(&mut self, path: &str, data: &[u8]) {
+        let b64 = base64_encode(data);
+        self.run(&format!("rm -f {path}.b64"));
+        for chunk in b64.as_bytes().chunks(768) {
+            let chunk = std::str::from_utf8(chunk).unwrap();
+            self.run(&format!("echo {chunk} >> {path}.b64"));
+        }
+        let out = self.run(&format!("base64 -d {path}.b64 > {path} && wc -c < {path}"));
+        assert!(
+            out.iter().any(|l| l.trim() == data.len().to_string()),
+            "upload of {path} failed: {out:?}"
+        );
+    }
+
     /// Asks the guest to reboot and waits for lucos-vmm to exit; returns its exit code.
     pub fn shutdown(mut self) -> Option<i32> {
         let _ = self.stdin.write_all(b"reboot -f\n");
@@ -166,4 +182,36 @@ pub fn build_patch(rel: &str) -> PathBuf {
     let p = root.join("guest-patches").join(rel);
     assert!(p.exists(), "{} not built", p.display());
     p
+}
+
+/// Standard base64 with padding.
+pub fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// A copy of the patch module at `ko` without debug info (small enough for [`Session::upload`]).
+pub fn stripped(ko: &Path, dir: &Path) -> Vec<u8> {
+    let out = dir.join(ko.file_name().unwrap());
+    let st = Command::new("strip")
+        .arg("--strip-debug")
+        .arg("-o")
+        .arg(&out)
+        .arg(ko)
+        .status()
+        .expect("run strip");
+    assert!(st.success(), "strip {}", ko.display());
+    std::fs::read(out).unwrap()
 }
