@@ -15,6 +15,12 @@
 
 #include <linux/compiler.h>
 #include <linux/types.h>
+#include <linux/context_tracking_irq.h>
+#include <linux/pid.h>
+#include <linux/pid_namespace.h>
+#include <linux/preempt.h>
+#include <linux/rcupdate.h>
+#include <linux/sched.h>
 
 #define LUCOS_NAME_MAX 128
 #define LUCOS_ABI_VERSION 1
@@ -63,6 +69,88 @@ struct lucos_data {
 		.mul = (m),							\
 		.div = (d),							\
 	}
+
+struct lucos_callback {
+	u32 kind;			/* LUCOS_CB_* */
+	u32 timeout_ms;			/* 0: the server's default (100 ms) */
+	char name[LUCOS_NAME_MAX];	/* the patch author's function, for messages */
+	char entry[LUCOS_NAME_MAX];	/* the wrapper the server calls */
+	void *keep;			/* keeps the wrapper alive; unused by the server */
+};
+
+#define LUCOS_CB_APPLY	1
+#define LUCOS_CB_REVERT	2
+#define LUCOS_CB_THREAD	3
+
+/*
+ * Callbacks are guest code that the update server runs from outside the guest: it picks a
+ * vCPU at a safe point (running user code, or idle with interrupts on: it holds no kernel
+ * lock), saves its state, and runs the callback there on a private stack with interrupts
+ * off and a private IDT; then it restores the vCPU. So a callback runs like a hard
+ * interrupt handler: it must not sleep or take a lock that might be held by the code it
+ * interrupted (it never interrupts kernel code, but use the irqsave lock variants all
+ * the same); it may take spinlocks, wake tasks, up() semaphores, and call any kernel
+ * function (exported or not) that is safe in interrupt context. The wrapper below tells
+ * RCU and the preempt count that it runs in an interrupt.
+ *
+ * A callback returns 0 on success. A non-zero return, an exception (e.g. a bad pointer:
+ * the server sees the fault, the guest kernel never does) or running longer than its
+ * time limit aborts the update: the patch is rolled back (for apply and thread
+ * callbacks) and the error is reported to the user.
+ */
+static __always_inline void lucos_cb_enter(void)
+{
+	ct_irq_enter();
+	preempt_count_add(HARDIRQ_OFFSET);
+}
+
+static __always_inline void lucos_cb_exit(void)
+{
+	preempt_count_sub(HARDIRQ_OFFSET);
+	ct_irq_exit();
+}
+
+#define __LUCOS_CALLBACK(k, fn, ms, call)					\
+	static noinline unsigned long __lucos_cb_##fn(unsigned long a0,	\
+						      unsigned long a1)	\
+	{									\
+		unsigned long r;						\
+		lucos_cb_enter();						\
+		r = (unsigned long)(long)(call);				\
+		lucos_cb_exit();						\
+		return r;							\
+	}									\
+	static const struct lucos_callback __lucos_cbrec_##fn			\
+	__used __section(".lucos.callback") __aligned(8) = {			\
+		.kind = (k),							\
+		.timeout_ms = (ms),						\
+		.name = #fn,							\
+		.entry = "__lucos_cb_" #fn,					\
+		.keep = (void *)__lucos_cb_##fn,				\
+	}
+
+/* int fn(void): run once, right after the jumps are installed (patch applied). */
+#define LUCOS_APPLY_CALLBACK(fn) __LUCOS_CALLBACK(LUCOS_CB_APPLY, fn, 0, fn())
+/* int fn(void): run once, right after the original code is restored (rollback). */
+#define LUCOS_REVERT_CALLBACK(fn) __LUCOS_CALLBACK(LUCOS_CB_REVERT, fn, 0, fn())
+/*
+ * int fn(struct task_struct *t): run once for each guest task that was in an old function
+ * when the jumps were installed, when stack inspection sees it has left the old code (at
+ * the latest at commit). The server passes the task_struct and pid it saw; the task is
+ * looked up again under RCU, and a task that has exited meanwhile is skipped.
+ */
+#define __LUCOS_THREAD_CALL(fn, a0, a1) ({					\
+	struct task_struct *__t;						\
+	long __r = 0;								\
+	rcu_read_lock();							\
+	__t = pid_task(find_pid_ns((pid_t)(a1), &init_pid_ns), PIDTYPE_PID);	\
+	if (__t && __t == (struct task_struct *)(a0))				\
+		__r = fn(__t);							\
+	rcu_read_unlock();							\
+	__r;									\
+})
+#define LUCOS_THREAD_CALLBACK(fn)						\
+	__LUCOS_CALLBACK(LUCOS_CB_THREAD, fn, 0, __LUCOS_THREAD_CALL(fn, a0, a1))
 
 /* Name and describe the patch (once per module). */
 #define LUCOS_PATCH(pname, pdesc)						\

@@ -22,6 +22,8 @@ pub struct VcpuState {
 /// A guest task and the part of its kernel stack that may hold live return addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskState {
+    /// Address of the task's `task_struct` (0 for a vCPU's non-task stack).
+    pub task: u64,
     pub pid: i32,
     pub comm: String,
     pub state: String,
@@ -63,4 +65,11 @@ pub trait Guest: Send + Sync {
     fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError>;
     /// Drops every protection of `owner`. Only inside `stop_the_world`.
     fn unprotect(&self, owner: &str) -> Result<(), GuestError>;
+    /// Runs the guest kernel function at `func` as `func(args[0], args[1])` and returns
+    /// its return value (RAX). The VMM runs it on a vCPU at a safe point (user mode or
+    /// idle: no kernel lock held) with interrupts off, on a private stack and IDT; the
+    /// vCPU's state is restored afterwards. An exception in the function or running
+    /// longer than `limit` stops it and is returned as an error. Never inside
+    /// `stop_the_world` (the other vCPUs keep running during the call).
+    fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError>;
 }

@@ -216,6 +216,7 @@ mod tests {
             relocs,
             data: vec![],
             replaces: vec![],
+            callbacks: vec![],
             warnings: vec![],
         }
     }

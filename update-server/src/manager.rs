@@ -19,7 +19,7 @@ use thiserror::Error;
 use crate::alloc::RegionAllocator;
 use crate::guest::{Guest, GuestError, VcpuState, WriteRule};
 use crate::link::{self, LinkError};
-use crate::module::{DataRule, ModuleError, PatchModule};
+use crate::module::{CallbackKind, DataRule, ModuleError, PatchModule};
 use crate::runpre::{self, FTRACE_NOP, JMP_LEN};
 
 /// How often a pause is retried when a vCPU sits on a patch site.
@@ -58,6 +58,10 @@ pub enum ApplyError {
     NoSuchPatch(u32),
     #[error("patch {id} is already {state}")]
     WrongState { id: u32, state: &'static str },
+    #[error("patch {id}: {what}; the patch was rolled back")]
+    CallbackAborted { id: u32, what: String },
+    #[error("patch {id}: original code restored, but {what}")]
+    RevertCallback { id: u32, what: String },
     #[error("patch {id} cannot be rolled back before patch {newer}, which replaces '{func}' on top of it")]
     NotTopmost { id: u32, newer: u32, func: String },
 }
@@ -170,6 +174,24 @@ fn owner(id: u32) -> String {
 pub struct Blocker {
     pub who: String,
     pub at: String,
+    /// The task's pid and `task_struct` (None for a vCPU).
+    #[serde(skip)]
+    pub task: Option<(i32, u64)>,
+}
+
+/// A callback of a patch, linked.
+#[derive(Debug, Clone, Serialize)]
+pub struct PatchCallback {
+    pub kind: CallbackKind,
+    pub name: String,
+    pub addr: u64,
+    pub limit_ms: u64,
+}
+
+impl PatchCallback {
+    fn describe(&self) -> String {
+        format!("{} callback '{}'", self.kind.as_str(), self.name)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -190,6 +212,13 @@ pub struct Patch {
     pub applied_at: u64,
     pub checks: u32,
     pub blockers: Vec<Blocker>,
+    pub callbacks: Vec<PatchCallback>,
+    /// What the callbacks did, in order (for status).
+    pub callback_log: Vec<String>,
+    /// Tasks seen in old code during the transition whose thread callbacks have not run
+    /// yet: pid -> task_struct.
+    #[serde(skip)]
+    pub thread_watch: HashMap<i32, u64>,
     #[serde(skip)]
     pub transition_started: Option<Instant>,
 }
@@ -243,6 +272,12 @@ impl Patch {
             "  vCPUs paused {} us; apply took {} us; {} stack checks",
             self.pause_us, self.apply_us, self.checks
         );
+        for c in &self.callbacks {
+            let _ = writeln!(s, "  {} at {:#x} (limit {} ms)", c.describe(), c.addr, c.limit_ms);
+        }
+        for l in &self.callback_log {
+            let _ = writeln!(s, "  {l}");
+        }
         for b in &self.blockers {
             let _ = writeln!(s, "  waiting: {} is in {}", b.who, b.at);
         }
@@ -363,6 +398,8 @@ impl Manager {
         })?;
         match self.apply_at(g, m, &olds, data, base, t0) {
             Ok(id) => Ok(id),
+            // The patch exists and is rolling back: its memory is freed when that finishes.
+            Err(e @ ApplyError::CallbackAborted { .. }) => Err(e),
             Err(e) => {
                 self.alloc.free(base);
                 Err(e)
@@ -408,11 +445,31 @@ impl Manager {
                 jump: jump.to_vec(),
             });
         }
+        let callbacks: Vec<PatchCallback> = m
+            .callbacks
+            .iter()
+            .map(|c| PatchCallback {
+                kind: c.kind,
+                name: c.name.clone(),
+                addr: linked.addr_of(c.load_idx, c.offset),
+                limit_ms: c.limit.as_millis() as u64,
+            })
+            .collect();
         // Copy code and data in; nothing executes it until the jumps exist.
         g.write(base, &linked.image)?;
         let id = self.next_id;
         let image = (base, base + linked.layout.size);
-        let pause = self.swap_sites(g, &funcs, true, &data, id, image)?;
+        // With thread callbacks, the tasks still in old code are found in the same pause.
+        let watch: Vec<(u64, u64, String)> = if callbacks.iter().any(|c| c.kind == CallbackKind::Thread) {
+            funcs
+                .iter()
+                .map(|f| (f.old_addr, f.old_addr + f.old_size, f.old_name.clone()))
+                .collect()
+        } else {
+            vec![]
+        };
+        let mut in_old = Vec::new();
+        let pause = self.swap_sites(g, &funcs, true, &data, id, image, (&watch, &mut in_old))?;
         self.next_id += 1;
         for d in &mut data {
             d.protected = true;
@@ -439,12 +496,78 @@ impl Manager {
             applied_at: now,
             checks: 0,
             blockers: vec![],
+            callbacks,
+            callback_log: vec![],
+            thread_watch: in_old.iter().filter_map(|b| b.task).collect(),
             transition_started: Some(Instant::now()),
         });
         info!("patch {id} '{}' applied: vCPUs paused {pause:?}", m.name);
+        if let Err(what) = self.run_callbacks(g, id, CallbackKind::Apply, None) {
+            return Err(self.abort(g, id, what));
+        }
         // First commit check right away.
         self.check(g, id)?;
         Ok(id)
+    }
+
+    /// Runs patch `id`'s callbacks of `kind` in the guest (for a thread callback, with the
+    /// task's `task_struct` and pid). Logs each outcome in the patch; the first failure is
+    /// returned as a message.
+    fn run_callbacks(
+        &mut self,
+        g: &dyn Guest,
+        id: u32,
+        kind: CallbackKind,
+        task: Option<(i32, u64)>,
+    ) -> Result<(), String> {
+        let cbs: Vec<PatchCallback> = self
+            .get(id)
+            .map(|p| p.callbacks.iter().filter(|c| c.kind == kind).cloned().collect())
+            .unwrap_or_default();
+        for c in cbs {
+            let args = task.map(|(pid, t)| [t, pid as u64]).unwrap_or([0, 0]);
+            let t0 = Instant::now();
+            let r = g.call(c.addr, args, Duration::from_millis(c.limit_ms));
+            let took = t0.elapsed().as_micros();
+            let on = task.map(|(pid, _)| format!(" for task {pid}")).unwrap_or_default();
+            let (line, failed) = match r {
+                Ok(0) => (format!("{}{on}: returned 0 ({took} us)", c.describe()), None),
+                Ok(v) => {
+                    let why = format!("{}{on} failed: it returned {}", c.describe(), v as i64);
+                    (why.clone(), Some(why))
+                }
+                Err(e) => {
+                    let why = format!("{}{on} failed: {e}", c.describe());
+                    (why.clone(), Some(why))
+                }
+            };
+            info!("patch {id}: {line}");
+            if let Ok(p) = self.get_mut(id) {
+                p.callback_log.push(line);
+            }
+            if let Some(why) = failed {
+                return Err(why);
+            }
+        }
+        Ok(())
+    }
+
+    /// A callback failed during apply or transition: roll the patch back (without its
+    /// revert callbacks: the update it would undo did not complete).
+    fn abort(&mut self, g: &dyn Guest, id: u32, what: String) -> ApplyError {
+        warn!("patch {id}: {what}; rolling back");
+        match self.restore(g, id) {
+            Ok(_) => {
+                if let Err(e) = self.check(g, id) {
+                    warn!("patch {id}: stack check after the abort: {e}");
+                }
+                ApplyError::CallbackAborted { id, what }
+            }
+            Err(e) => ApplyError::CallbackAborted {
+                id,
+                what: format!("{what}; rolling back failed too: {e}"),
+            },
+        }
     }
 
     fn jump_of(&self, id: u32, site: u64) -> Option<Vec<u8>> {
@@ -454,6 +577,9 @@ impl Manager {
 
     /// Stops the world and writes each function's jump (`install`) or saved bytes. Retries
     /// while a vCPU's RIP is inside a site; re-checks the bytes with the world stopped.
+    /// `scan.0` non-empty: also lists, in the same pause, who is inside those ranges (into
+    /// `scan.1`).
+    #[allow(clippy::too_many_arguments)]
     fn swap_sites(
         &self,
         g: &dyn Guest,
@@ -462,7 +588,9 @@ impl Manager {
         data: &[DataPatch],
         id: u32,
         image: (u64, u64),
+        scan: (&[(u64, u64, String)], &mut Vec<Blocker>),
     ) -> Result<Duration, ApplyError> {
+        let (ranges, found) = scan;
         let mut last = String::new();
         for attempt in 0..SITE_RETRIES {
             let mut outcome: Result<bool, ApplyError> = Ok(false);
@@ -498,6 +626,12 @@ impl Manager {
                             let _ = g.write(f.site, back);
                         }
                         return Err(e);
+                    }
+                    if !ranges.is_empty() {
+                        match find_blockers(g, vcpus, ranges) {
+                            Ok(b) => *found = b,
+                            Err(e) => warn!("listing tasks in old code: {e}"),
+                        }
                     }
                     Ok(true)
                 })();
@@ -598,6 +732,26 @@ impl Manager {
         let p = self.get_mut(id)?;
         p.checks += 1;
         p.blockers = blockers;
+        if p.state == PatchState::Transition && p.callbacks.iter().any(|c| c.kind == CallbackKind::Thread) {
+            // Tasks in old code are watched; the ones that left it get their callback.
+            let now: HashMap<i32, u64> = p.blockers.iter().filter_map(|b| b.task).collect();
+            p.thread_watch.extend(now.iter().map(|(a, b)| (*a, *b)));
+            let left: Vec<(i32, u64)> = p
+                .thread_watch
+                .iter()
+                .filter(|(pid, _)| !now.contains_key(pid))
+                .map(|(a, b)| (*a, *b))
+                .collect();
+            for (pid, task) in left {
+                if let Ok(p) = self.get_mut(id) {
+                    p.thread_watch.remove(&pid);
+                }
+                if let Err(what) = self.run_callbacks(g, id, CallbackKind::Thread, Some((pid, task))) {
+                    return Err(self.abort(g, id, what));
+                }
+            }
+        }
+        let p = self.get_mut(id)?;
         if p.blockers.is_empty() {
             for d in &mut p.data {
                 d.protected = false;
@@ -655,10 +809,21 @@ impl Manager {
                 }
             }
         }
+        self.restore(g, id)?;
+        if let Err(what) = self.run_callbacks(g, id, CallbackKind::Revert, None) {
+            let _ = self.check(g, id);
+            return Err(ApplyError::RevertCallback { id, what });
+        }
+        self.check(g, id)
+    }
+
+    /// Puts the original code (and data units) back and enters `rolling-back`.
+    fn restore(&mut self, g: &dyn Guest, id: u32) -> Result<(), ApplyError> {
+        let p = self.get(id)?;
         let funcs = p.funcs.clone();
         let data = p.data.clone();
         let image = (p.image_addr, p.image_addr + p.image_size);
-        let pause = self.swap_sites(g, &funcs, false, &data, id, image)?;
+        let pause = self.swap_sites(g, &funcs, false, &data, id, image, (&[], &mut Vec::new()))?;
         for f in &funcs {
             if let Some(v) = self.sites.get_mut(&f.site) {
                 v.pop();
@@ -667,11 +832,12 @@ impl Manager {
         let p = self.get_mut(id)?;
         p.state = PatchState::RollingBack;
         p.blockers.clear();
+        p.thread_watch.clear();
         for d in &mut p.data {
             d.protected = true;
         }
         info!("patch {id}: original code restored (vCPUs paused {pause:?})");
-        self.check(g, id)
+        Ok(())
     }
 }
 
@@ -688,6 +854,7 @@ pub fn find_blockers(
             out.push(Blocker {
                 who: format!("vCPU {}", v.id),
                 at: format!("{what} ({})", g.describe(v.rip)),
+                task: None,
             });
         }
     }
@@ -704,6 +871,7 @@ pub fn find_blockers(
                 out.push(Blocker {
                     who: format!("task {} ({}, {})", t.pid, t.comm, t.state),
                     at: format!("{what} ({})", g.describe(v)),
+                    task: (t.task != 0).then_some((t.pid, t.task)),
                 });
                 break;
             }
@@ -724,7 +892,10 @@ mod tests {
         mem: Mutex<HashMap<u64, u8>>,
         rules: Mutex<Vec<(u64, u64, String, WriteRule)>>,
         fail_protect: bool,
+        calls: Mutex<Vec<(u64, [u64; 2])>>,
     }
+
+    const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
 
     impl FakeGuest {
         /// A guest write of `v` at `addr` from code at `rip`, as the VMM would complete it.
@@ -780,6 +951,13 @@ mod tests {
             }
             self.rules.lock().unwrap().push((va, len, owner.into(), rule));
             Ok(())
+        }
+        fn call(&self, func: u64, args: [u64; 2], _: Duration) -> Result<u64, GuestError> {
+            self.calls.lock().unwrap().push((func, args));
+            match func {
+                FAILING_CB => Ok(u64::MAX), // returns -1
+                _ => Ok(0),
+            }
         }
         fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
             let mut r = self.rules.lock().unwrap();
@@ -847,5 +1025,106 @@ mod tests {
         assert!(e.to_string().contains("no read-only memslots"), "{e}");
         assert_eq!(g.value(OBJ), 250, "value restored");
         assert!(g.rules.lock().unwrap().is_empty(), "nothing left protected");
+    }
+
+    fn patch_with(callbacks: Vec<PatchCallback>) -> Patch {
+        Patch {
+            id: 1,
+            name: "t".into(),
+            description: String::new(),
+            state: PatchState::Transition,
+            funcs: vec![FuncPatch {
+                old_name: "old".into(),
+                old_addr: OLD_CODE,
+                old_size: 0x40,
+                new_name: "new".into(),
+                new_addr: NEW_CODE,
+                site: OLD_CODE,
+                saved: FTRACE_NOP.to_vec(),
+                jump: runpre::jmp_rel32(OLD_CODE, NEW_CODE).unwrap().to_vec(),
+            }],
+            data: vec![],
+            image_addr: IMAGE.0,
+            image_size: IMAGE.1 - IMAGE.0,
+            warnings: vec![],
+            pause_us: 0,
+            apply_us: 0,
+            applied_at: 0,
+            checks: 0,
+            blockers: vec![],
+            callbacks,
+            callback_log: vec![],
+            thread_watch: HashMap::new(),
+            transition_started: None,
+        }
+    }
+
+    fn cb(kind: CallbackKind, name: &str, addr: u64) -> PatchCallback {
+        PatchCallback {
+            kind,
+            name: name.into(),
+            addr,
+            limit_ms: 100,
+        }
+    }
+
+    #[test]
+    fn thread_callbacks_run_for_tasks_that_left_old_code_then_commit() {
+        let g = FakeGuest::default();
+        let mut m = Manager::new(&g);
+        let mut p = patch_with(vec![cb(CallbackKind::Thread, "left", 0x1000)]);
+        p.thread_watch.insert(42, 0xffff_8880_0000_4200);
+        m.patches.push(p);
+        // The fake guest has no tasks: task 42 has left the old code.
+        assert_eq!(m.check(&g, 1).unwrap(), PatchState::Committed);
+        assert_eq!(*g.calls.lock().unwrap(), vec![(0x1000, [0xffff_8880_0000_4200, 42])]);
+        let p = m.get(1).unwrap();
+        assert!(p.thread_watch.is_empty());
+        assert!(
+            p.callback_log[0].contains("thread callback 'left' for task 42: returned 0"),
+            "{:?}",
+            p.callback_log
+        );
+    }
+
+    #[test]
+    fn a_failing_thread_callback_rolls_the_patch_back() {
+        let g = FakeGuest::default();
+        let mut m = Manager::new(&g);
+        let mut p = patch_with(vec![cb(CallbackKind::Thread, "bad", FAILING_CB)]);
+        g.write(OLD_CODE, &p.funcs[0].jump).unwrap();
+        p.thread_watch.insert(7, 0x7000);
+        m.patches.push(p);
+        let e = m.check(&g, 1).unwrap_err();
+        assert!(matches!(e, ApplyError::CallbackAborted { id: 1, .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("thread callback 'bad' for task 7 failed: it returned -1"),
+            "{e}"
+        );
+        assert_eq!(m.get(1).unwrap().state, PatchState::RolledBack);
+        let mut site = [0u8; 5];
+        g.read(OLD_CODE, &mut site).unwrap();
+        assert_eq!(site, FTRACE_NOP, "original bytes back");
+    }
+
+    #[test]
+    fn a_failing_revert_callback_is_reported_and_the_rollback_goes_on() {
+        let g = FakeGuest::default();
+        let mut m = Manager::new(&g);
+        let mut p = patch_with(vec![
+            cb(CallbackKind::Apply, "never-here", 0x2000),
+            cb(CallbackKind::Revert, "undo", FAILING_CB),
+        ]);
+        p.state = PatchState::Committed;
+        g.write(OLD_CODE, &p.funcs[0].jump).unwrap();
+        m.patches.push(p);
+        let e = m.rollback(&g, 1).unwrap_err();
+        assert!(matches!(e, ApplyError::RevertCallback { id: 1, .. }), "{e}");
+        assert_eq!(m.get(1).unwrap().state, PatchState::RolledBack);
+        assert_eq!(g.calls.lock().unwrap().len(), 1, "only the revert callback ran");
+        let mut site = [0u8; 5];
+        g.read(OLD_CODE, &mut site).unwrap();
+        assert_eq!(site, FTRACE_NOP, "original bytes back");
     }
 }

@@ -5,6 +5,7 @@
 use object::elf;
 use object::read::elf::{ElfFile64, FileHeader, SectionHeader};
 use object::{Endianness, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex};
+use std::time::Duration;
 use thiserror::Error;
 
 /// Size of a name field in the lucos records (LUCOS_NAME_MAX in lucos.h).
@@ -12,6 +13,9 @@ pub const NAME_MAX: usize = 128;
 const REPLACE_RECORD: usize = 2 * NAME_MAX + 8;
 const INFO_RECORD: usize = 4 + NAME_MAX + 256;
 const DATA_RECORD: usize = NAME_MAX + 16;
+const CALLBACK_RECORD: usize = 8 + 2 * NAME_MAX + 8;
+/// Time limit of a callback that does not set one.
+pub const DEFAULT_CALLBACK_LIMIT: Duration = Duration::from_millis(100);
 pub const ABI_VERSION: u32 = 1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -32,6 +36,10 @@ pub enum ModuleError {
     Unsupported(String),
     #[error("data rule for '{name}' scales by {mul}/{div}: both must be non-zero")]
     BadScale { name: String, mul: u64, div: u64 },
+    #[error("callback record '{name}' has unknown kind {kind}")]
+    BadCallbackKind { name: String, kind: u32 },
+    #[error("callback entry '{0}' is not defined in the module's code")]
+    NoCallback(String),
     #[error("relocation in {section} at {offset:#x}: {what}")]
     BadRelocation { section: String, offset: u64, what: String },
 }
@@ -127,6 +135,70 @@ pub fn parse_data_rules(d: &[u8]) -> Result<Vec<DataRule>, ModuleError> {
         .collect()
 }
 
+/// When a callback runs (`LUCOS_*_CALLBACK` in lucos.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CallbackKind {
+    /// Once, right after the jumps are installed.
+    Apply,
+    /// Once, right after the original code is restored.
+    Revert,
+    /// For each task found in old code, once it has left it.
+    Thread,
+}
+
+impl CallbackKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackKind::Apply => "apply",
+            CallbackKind::Revert => "revert",
+            CallbackKind::Thread => "thread",
+        }
+    }
+}
+
+/// One callback record, with the wrapper's place in the module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Callback {
+    pub kind: CallbackKind,
+    /// The author's function (for messages).
+    pub name: String,
+    /// The wrapper the server calls.
+    pub entry: String,
+    pub load_idx: usize,
+    pub offset: u64,
+    pub limit: Duration,
+}
+
+/// A callback record before its entry is looked up: (kind, name, entry, limit).
+pub fn parse_callback_records(d: &[u8]) -> Result<Vec<(CallbackKind, String, String, Duration)>, ModuleError> {
+    if !d.len().is_multiple_of(CALLBACK_RECORD) {
+        return Err(ModuleError::BadRecords {
+            section: ".lucos.callback".into(),
+            size: d.len() as u64,
+            record: CALLBACK_RECORD,
+        });
+    }
+    d.chunks(CALLBACK_RECORD)
+        .map(|rec| {
+            let word = |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap_or([0; 4]));
+            let name = cstr(&rec[8..8 + NAME_MAX])?;
+            let entry = cstr(&rec[8 + NAME_MAX..8 + 2 * NAME_MAX])?;
+            let kind = match word(0) {
+                1 => CallbackKind::Apply,
+                2 => CallbackKind::Revert,
+                3 => CallbackKind::Thread,
+                kind => return Err(ModuleError::BadCallbackKind { name, kind }),
+            };
+            let limit = match word(4) {
+                0 => DEFAULT_CALLBACK_LIMIT,
+                ms => Duration::from_millis(u64::from(ms)),
+            };
+            Ok((kind, name, entry, limit))
+        })
+        .collect()
+}
+
 /// A parsed patch module.
 #[derive(Debug, Clone)]
 pub struct PatchModule {
@@ -137,6 +209,7 @@ pub struct PatchModule {
     pub replaces: Vec<Replace>,
     /// Globals whose meaning the patch changes (`LUCOS_DATA_SCALE`).
     pub data: Vec<DataRule>,
+    pub callbacks: Vec<Callback>,
     pub warnings: Vec<String>,
 }
 
@@ -345,20 +418,22 @@ impl PatchModule {
                 record: REPLACE_RECORD,
             });
         }
+        // A function defined in the module's loaded code.
+        let code_symbol = |name: &str| -> Option<(usize, u64)> {
+            let sym = file
+                .symbols()
+                .find(|s| s.name() == Ok(name) && s.kind() == object::SymbolKind::Text)?;
+            match place(&sym) {
+                SymbolPlace::Section { load_idx, offset } if sections[load_idx].exec => Some((load_idx, offset)),
+                _ => None,
+            }
+        };
         let mut replaces = Vec::new();
         for rec in d.chunks(REPLACE_RECORD) {
             let old_name = cstr(&rec[..NAME_MAX])?;
             let new_name = cstr(&rec[NAME_MAX..2 * NAME_MAX])?;
-            let sym = file
-                .symbols()
-                .find(|s| s.name() == Ok(new_name.as_str()) && s.kind() == object::SymbolKind::Text)
-                .ok_or_else(|| ModuleError::NoNewFunction(new_name.clone()))?;
-            let SymbolPlace::Section { load_idx, offset } = place(&sym) else {
-                return Err(ModuleError::NoNewFunction(new_name));
-            };
-            if !sections[load_idx].exec {
-                return Err(ModuleError::NoNewFunction(new_name));
-            }
+            let (load_idx, offset) =
+                code_symbol(&new_name).ok_or_else(|| ModuleError::NoNewFunction(new_name.clone()))?;
             replaces.push(Replace {
                 old_name,
                 new_name,
@@ -371,6 +446,22 @@ impl PatchModule {
             Some(sec) => parse_data_rules(sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?)?,
             None => Vec::new(),
         };
+        // .lucos.callback (optional)
+        let mut callbacks = Vec::new();
+        if let Some(sec) = file.section_by_name(".lucos.callback") {
+            let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
+            for (kind, name, entry, limit) in parse_callback_records(d)? {
+                let (load_idx, offset) = code_symbol(&entry).ok_or_else(|| ModuleError::NoCallback(entry.clone()))?;
+                callbacks.push(Callback {
+                    kind,
+                    name,
+                    entry,
+                    load_idx,
+                    offset,
+                    limit,
+                });
+            }
+        }
         Ok(PatchModule {
             name,
             description,
@@ -378,6 +469,7 @@ impl PatchModule {
             relocs,
             replaces,
             data,
+            callbacks,
             warnings,
         })
     }
@@ -386,6 +478,48 @@ impl PatchModule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn callback_record(kind: u32, ms: u32, name: &str) -> Vec<u8> {
+        let mut r = vec![0u8; CALLBACK_RECORD];
+        r[..4].copy_from_slice(&kind.to_le_bytes());
+        r[4..8].copy_from_slice(&ms.to_le_bytes());
+        r[8..8 + name.len()].copy_from_slice(name.as_bytes());
+        let entry = format!("__lucos_cb_{name}");
+        r[8 + NAME_MAX..8 + NAME_MAX + entry.len()].copy_from_slice(entry.as_bytes());
+        r
+    }
+
+    #[test]
+    fn callback_records() {
+        let mut d = callback_record(1, 0, "unlock");
+        d.extend(callback_record(3, 250, "per_task"));
+        let cbs = parse_callback_records(&d).unwrap();
+        assert_eq!(
+            cbs,
+            vec![
+                (
+                    CallbackKind::Apply,
+                    "unlock".into(),
+                    "__lucos_cb_unlock".into(),
+                    DEFAULT_CALLBACK_LIMIT
+                ),
+                (
+                    CallbackKind::Thread,
+                    "per_task".into(),
+                    "__lucos_cb_per_task".into(),
+                    Duration::from_millis(250)
+                ),
+            ]
+        );
+        assert!(matches!(
+            parse_callback_records(&callback_record(9, 0, "x")),
+            Err(ModuleError::BadCallbackKind { kind: 9, .. })
+        ));
+        assert!(matches!(
+            parse_callback_records(&d[..100]),
+            Err(ModuleError::BadRecords { .. })
+        ));
+    }
 
     fn record(name: &str, mul: u64, div: u64) -> Vec<u8> {
         let mut r = vec![0u8; DATA_RECORD];

@@ -57,9 +57,12 @@ pub const VSOCK_IRQ: u32 = 5;
 /// Size of the patch region: guest RAM the VMM keeps for live-patch code and data
 /// (e820 reserved, never used by the guest kernel).
 pub const PATCH_REGION_SIZE: u64 = 16 << 20;
-/// The first page of the patch region holds platform code the VMM puts in the guest (the
-/// PVM syscall shim, [`crate::pvm`]); patches get the rest.
-pub const PLATFORM_PAGE_SIZE: u64 = 4096;
+/// The start of the patch region holds what the VMM itself puts in the guest: the PVM
+/// syscall shim ([`crate::pvm`], first page), then the guest-call area
+/// ([`crate::guestcall`]: IDT, code, private stack). Patches get the rest.
+pub const PLATFORM_SIZE: u64 = CALL_AREA_OFFSET + crate::guestcall::AREA_SIZE;
+/// Offset of the guest-call area in the patch region.
+pub const CALL_AREA_OFFSET: u64 = 4096;
 /// The kernel's high mapping (`__START_KERNEL_map`) covers the first GiB of physical
 /// memory (KERNEL_IMAGE_SIZE); the patch region must lie inside it so it can be mapped at
 /// `__START_KERNEL_map + phys`, within jmp rel32 reach of kernel text.

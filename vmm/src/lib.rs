@@ -23,6 +23,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod fault;
+pub mod guestcall;
 pub mod introspect;
 pub mod layout;
 pub mod memory;

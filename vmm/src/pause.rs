@@ -19,6 +19,8 @@ pub struct VcpuSnapshot {
     pub cr3: u64,
     /// CPL 0 (kernel mode).
     pub kernel_mode: bool,
+    /// Stopped in HLT (KVM_MP_STATE_HALTED).
+    pub halted: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -84,6 +86,14 @@ impl PauseControl {
                 .0;
         }
         st.snapshots[id] = None;
+    }
+
+    /// Sends `kick` to vCPU `id`'s thread.
+    pub fn kick(&self, id: u8, kick: impl Fn(libc::pthread_t)) {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = st.threads.get(id as usize) {
+            kick(*t);
+        }
     }
 
     /// Wakes parked vCPUs so they notice the VM is stopping.

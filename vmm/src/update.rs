@@ -4,6 +4,8 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,14 +14,32 @@ use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::UpdateServer;
 
 use crate::devices::virtio::muxer::PortListener;
+use crate::guestcall::{CallArea, CallError, SafePoint};
 use crate::introspect::tasks::THREAD_SIZE;
 use crate::introspect::{list_tasks, GuestKernel};
-use crate::layout::{patch_region_start, PATCH_REGION_SIZE, PLATFORM_PAGE_SIZE};
+use crate::layout::{patch_region_start, CALL_AREA_OFFSET, PATCH_REGION_SIZE, PLATFORM_SIZE};
 use crate::pause::VcpuSnapshot;
+use crate::vcpu::CallJob;
 use crate::vm::VmHandle;
 
 /// How long to wait for all vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a guest call waits for a vCPU to reach a safe point.
+const SAFE_POINT_WAIT: Duration = Duration::from_secs(5);
+/// How long a vCPU gets to come back after a timed-out call was stopped.
+const CALL_STOP_WAIT: Duration = Duration::from_secs(5);
+/// Linux's `__KERNEL_CS` on x86-64.
+const KERNEL_CS: u16 = 0x10;
+/// Where an idle vCPU halts (Linux 6.1 x86 idle path, with and without paravirt).
+const IDLE_FUNCTIONS: &[&str] = &[
+    "native_safe_halt",
+    "pv_native_safe_halt",
+    "arch_safe_halt",
+    "default_idle",
+    "arch_cpu_idle",
+    "default_idle_call",
+];
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// The running VM as the update server sees it.
 pub struct VmGuest {
@@ -32,6 +52,12 @@ pub struct VmGuest {
     /// it (its `linux_banner` is read at the first write, not at start-up).
     vmlinux: PathBuf,
     verified: Mutex<bool>,
+    /// Guest calls (patch callbacks): where their private environment is, whether it is
+    /// installed, where the guest's idle loop halts, whether user-mode vCPUs may be used.
+    call_area: CallArea,
+    call_area_ready: Mutex<bool>,
+    idle: Vec<(u64, u64)>,
+    user_ok: bool,
 }
 
 fn gerr(e: impl ToString) -> GuestError {
@@ -46,6 +72,12 @@ impl VmGuest {
         let kernel = GuestKernel::with_symbols(vmlinux, symbols).map_err(gerr)?;
         let region_gpa = patch_region_start(mem_bytes);
         let region_va = crate::introspect::kernel::START_KERNEL_MAP + region_gpa;
+        let idle = IDLE_FUNCTIONS
+            .iter()
+            .filter_map(|n| kernel.symbols.get(n).map(|s| (s.addr, s.addr + s.size)))
+            .collect();
+        // With page-table isolation a user-mode CR3 does not map the kernel.
+        let user_ok = kernel.symbols.get("pti_init").is_none();
         Ok(Self {
             handle,
             kernel,
@@ -54,7 +86,97 @@ impl VmGuest {
             mapped: Mutex::new(false),
             vmlinux: vmlinux.to_path_buf(),
             verified: Mutex::new(false),
+            call_area: CallArea {
+                va: region_va + CALL_AREA_OFFSET,
+                gpa: region_gpa + CALL_AREA_OFFSET,
+                kernel_cs: KERNEL_CS,
+            },
+            call_area_ready: Mutex::new(false),
+            idle,
+            user_ok,
         })
+    }
+
+    /// A vCPU that holds no kernel lock and is not in an interrupts-off section: running
+    /// user code, or halted in the idle loop with interrupts on.
+    fn at_safe_point(&self, s: &VcpuSnapshot) -> bool {
+        if !s.kernel_mode {
+            return self.user_ok;
+        }
+        s.halted && s.rflags & RFLAGS_IF != 0 && self.idle.iter().any(|(lo, hi)| s.rip >= *lo && s.rip < *hi)
+    }
+
+    fn ensure_call_area(&self) -> Result<(), GuestError> {
+        self.ensure_mapped()?;
+        let mut ready = self.call_area_ready.lock().unwrap_or_else(|e| e.into_inner());
+        if !*ready {
+            self.call_area.install(self.handle.memory()).map_err(gerr)?;
+            *ready = true;
+        }
+        Ok(())
+    }
+
+    /// Runs one guest call: waits for a vCPU at a safe point, hands it the call, waits
+    /// for the result (stopping the call after `limit`).
+    fn guest_call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, CallError> {
+        let t0 = Instant::now();
+        loop {
+            let paused = self
+                .handle
+                .pause(PAUSE_TIMEOUT)
+                .map_err(|e| CallError::Kvm(e.to_string()))?;
+            let Some(id) = paused.snapshots.iter().find(|s| self.at_safe_point(s)).map(|s| s.id) else {
+                drop(paused);
+                if t0.elapsed() > SAFE_POINT_WAIT {
+                    return Err(CallError::NoSafePoint(SAFE_POINT_WAIT));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            let (tx, rx) = channel();
+            let expired = Arc::new(AtomicBool::new(false));
+            let job = CallJob {
+                func,
+                args,
+                area: self.call_area,
+                safe: SafePoint { user_ok: self.user_ok },
+                limit,
+                expired: expired.clone(),
+                reply: tx,
+            };
+            if !self.handle.post_call(id, job) {
+                return Err(CallError::Kvm(format!("vCPU {id} already has a guest call pending")));
+            }
+            drop(paused);
+            let result = match rx.recv_timeout(limit) {
+                Ok(r) => r,
+                Err(RecvTimeoutError::Timeout) => {
+                    expired.store(true, std::sync::atomic::Ordering::Release);
+                    self.handle.kick(id);
+                    rx.recv_timeout(CALL_STOP_WAIT).unwrap_or(Err(CallError::Kvm(format!(
+                        "vCPU {id} did not come back from the call"
+                    ))))
+                }
+                Err(RecvTimeoutError::Disconnected) => Err(CallError::Stopping),
+            };
+            match result {
+                // Something was being delivered to that vCPU right then: try again.
+                Err(CallError::NotSafe { vcpu, why }) if t0.elapsed() < SAFE_POINT_WAIT => {
+                    log::debug!("guest call: vCPU {vcpu} not safe ({why}); retrying");
+                }
+                r => {
+                    log::info!(
+                        "guest call {func:#x} on vCPU {id}: {} in {:?}",
+                        match &r {
+                            Ok(v) => format!("returned {v:#x}"),
+                            Err(e) => e.to_string(),
+                        },
+                        t0.elapsed()
+                    );
+                    return r;
+                }
+            }
+        }
     }
 
     /// Maps the patch region into the guest kernel's address space (once).
@@ -141,6 +263,7 @@ impl Guest for VmGuest {
                 Some((t.stack_base, top))
             };
             out.push(TaskState {
+                task: t.addr,
                 pid: t.pid,
                 comm: t.comm.clone(),
                 state: t.state_name().into(),
@@ -153,6 +276,7 @@ impl Guest for VmGuest {
                 let lo = v.rsp & !7;
                 let hi = (v.rsp | (THREAD_SIZE - 1)) + 1;
                 out.push(TaskState {
+                    task: 0,
                     pid: -1,
                     comm: format!("vCPU {} stack", v.id),
                     state: "R".into(),
@@ -183,9 +307,24 @@ impl Guest for VmGuest {
 
     fn patch_region(&self) -> PatchRegion {
         PatchRegion {
-            va: self.region_va + PLATFORM_PAGE_SIZE,
-            size: PATCH_REGION_SIZE - PLATFORM_PAGE_SIZE,
+            va: self.region_va + PLATFORM_SIZE,
+            size: PATCH_REGION_SIZE - PLATFORM_SIZE,
         }
+    }
+
+    fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError> {
+        self.ensure_verified()?;
+        self.ensure_call_area()?;
+        let lo = self.region_va + PLATFORM_SIZE;
+        if func < lo || func >= self.region_va + PATCH_REGION_SIZE {
+            return Err(gerr(format!("{func:#x} is not patch code")));
+        }
+        self.guest_call(func, args, limit).map_err(|e| match e {
+            CallError::Exception { rip, .. } | CallError::Timeout { rip, .. } => {
+                gerr(format!("{e} [{}]", self.kernel.symbols.describe(rip)))
+            }
+            e => gerr(e),
+        })
     }
 }
 

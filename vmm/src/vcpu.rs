@@ -7,8 +7,9 @@
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use iced_x86::Code;
 use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
@@ -19,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::devices::virtio::muxer::ListenerSlot;
 use crate::devices::{MmioBus, PioBus};
 use crate::fault;
+use crate::guestcall::{self, CallArea, CallError, SafePoint, Step, PORT_EXCEPTION, PORT_RETURN};
 use crate::memory::GuestMem;
 use crate::pause::{PauseControl, VcpuSnapshot};
 use crate::symbols::SymbolTable;
@@ -62,6 +64,61 @@ pub struct VcpuShared {
     pub quirks: crate::quirks::Quirks,
     /// Write-protected guest pages (data patches).
     pub protect: crate::protect::WriteProtect,
+    /// Guest calls waiting for their vCPU.
+    pub calls: CallMailbox,
+}
+
+/// A guest call for one vCPU (see [`crate::guestcall`]).
+pub struct CallJob {
+    pub func: u64,
+    pub args: [u64; 2],
+    pub area: CallArea,
+    pub safe: SafePoint,
+    pub limit: Duration,
+    /// Set by the waiter when `limit` has passed (then the vCPU is kicked).
+    pub expired: Arc<AtomicBool>,
+    pub reply: Sender<Result<u64, CallError>>,
+}
+
+/// One slot per vCPU; a vCPU takes its job before it re-enters the guest.
+#[derive(Default)]
+pub struct CallMailbox {
+    pending: AtomicBool,
+    slots: Mutex<Vec<Option<CallJob>>>,
+}
+
+impl CallMailbox {
+    pub fn new(vcpus: usize) -> Self {
+        Self {
+            pending: AtomicBool::new(false),
+            slots: Mutex::new((0..vcpus).map(|_| None).collect()),
+        }
+    }
+
+    /// Posts `job` for vCPU `id` (replacing nothing: false if one is waiting already).
+    pub fn post(&self, id: u8, job: CallJob) -> bool {
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match s.get_mut(id as usize) {
+            Some(slot @ None) => {
+                *slot = Some(job);
+                self.pending.store(true, Ordering::Release);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn take(&self, id: u8) -> Option<CallJob> {
+        if !self.pending.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let job = s.get_mut(id as usize).and_then(Option::take);
+        if s.iter().all(Option::is_none) {
+            self.pending.store(false, Ordering::Release);
+        }
+        job
+    }
 }
 
 /// Sends the kick signal to a vCPU thread.
@@ -85,6 +142,8 @@ pub struct Vcpu {
 /// What a VM exit asks the loop to do after the kvm_run borrow ends.
 enum Next {
     Continue,
+    /// An `out` to a guest-call port (meaningful only during a call).
+    CallPort(u16),
     /// A guest write to a write-protected page, completed once the exit's borrow ends
     /// (the handler gets the writer's RIP).
     ProtectedWrite {
@@ -116,38 +175,98 @@ impl Vcpu {
         while !self.shared.stop.load(Ordering::Acquire) {
             let next = self.run_once();
             self.shared.quirks.after_exit(&self.shared.mem, &self.fd);
-            if self.shared.pause.is_requested() {
-                let snap = self.snapshot();
-                self.shared.pause.park(snap, &self.shared.stop);
+            self.park_if_requested();
+            if !self.dispatch(next) {
+                break;
             }
-            match next {
-                Next::Continue => {}
-                Next::ProtectedWrite { addr, data } => {
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                    if !self
-                        .shared
-                        .protect
-                        .on_write(&self.shared.mem, self.id, rip, addr, &data)
-                    {
-                        // Unprotected meanwhile: the page is plain RAM again.
-                        let _ = vm_memory::Bytes::write_slice(&self.shared.mem, &data, vm_memory::GuestAddress(addr));
-                    }
-                }
-                Next::Stop => break,
-                Next::InternalError { suberror } => {
-                    if !self.handle_internal_error(suberror) {
-                        break;
-                    }
-                }
-                Next::Fatal(what) => {
-                    let msg = fault::report(&self.fd, &self.shared.mem, self.shared.symbols.as_deref(), &what);
-                    let _ = self.shared.events.send(VmEvent::Crash(msg));
-                    break;
-                }
+            if let Some(job) = self.shared.calls.take(self.id) {
+                let result = self.guest_call(&job);
+                let _ = job.reply.send(result);
             }
         }
         KVM_RUN_PTR.with(|c| c.set(std::ptr::null_mut()));
         debug!("vcpu{} stopped", self.id);
+    }
+
+    fn park_if_requested(&self) {
+        if self.shared.pause.is_requested() {
+            let snap = self.snapshot();
+            self.shared.pause.park(snap, &self.shared.stop);
+        }
+    }
+
+    /// Acts on an exit. Returns false when the vCPU must stop.
+    fn dispatch(&mut self, next: Next) -> bool {
+        match next {
+            Next::Continue => {}
+            Next::CallPort(port) => debug!("vcpu{}: out to guest-call port {port:#x} outside a call", self.id),
+            Next::ProtectedWrite { addr, data } => {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                if !self
+                    .shared
+                    .protect
+                    .on_write(&self.shared.mem, self.id, rip, addr, &data)
+                {
+                    // Unprotected meanwhile: the page is plain RAM again.
+                    let _ = vm_memory::Bytes::write_slice(&self.shared.mem, &data, vm_memory::GuestAddress(addr));
+                }
+            }
+            Next::Stop => return false,
+            Next::InternalError { suberror } => return self.handle_internal_error(suberror),
+            Next::Fatal(what) => {
+                let msg = fault::report(&self.fd, &self.shared.mem, self.shared.symbols.as_deref(), &what);
+                let _ = self.shared.events.send(VmEvent::Crash(msg));
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Runs a guest call on this vCPU and restores its state (see [`crate::guestcall`]).
+    fn guest_call(&mut self, job: &CallJob) -> Result<u64, CallError> {
+        let mut saved = guestcall::enter(&self.fd, self.id, &job.area, job.safe, job.func, job.args)?;
+        debug!(
+            "vcpu{}: guest call {:#x}({:#x}, {:#x})",
+            self.id, job.func, job.args[0], job.args[1]
+        );
+        let outcome = loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                break Err(CallError::Stopping);
+            }
+            if job.expired.load(Ordering::Acquire) {
+                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                break Err(CallError::Timeout { limit: job.limit, rip });
+            }
+            let next = self.run_once();
+            self.park_if_requested();
+            match next {
+                Next::CallPort(port) => match guestcall::on_port(&self.fd, &self.shared.mem, &mut saved, port) {
+                    Ok(Step::Returned(v)) => break Ok(v),
+                    Ok(Step::Continue) => {}
+                    Ok(Step::Failed(e)) | Err(e) => break Err(e),
+                },
+                Next::InternalError { suberror } => {
+                    let insn = fault::decode_at_rip(&self.fd, &self.shared.mem)
+                        .map(|d| format!("at {:#x}: {}", d.rip, d.text))
+                        .unwrap_or_default();
+                    break Err(CallError::Emulation(format!(
+                        "KVM_EXIT_INTERNAL_ERROR ({}, suberror {suberror}) {insn}",
+                        fault::internal_error_name(suberror)
+                    )));
+                }
+                Next::Fatal(what) => break Err(CallError::Emulation(what)),
+                Next::Stop => break Err(CallError::Stopping),
+                other => {
+                    self.dispatch(other);
+                }
+            }
+        };
+        if let Err(e) = guestcall::leave(&self.fd, &saved) {
+            let msg = format!("vCPU {}: cannot restore its state after a guest call: {e}", self.id);
+            let _ = self.shared.events.send(VmEvent::Crash(msg));
+            return Err(e);
+        }
+        outcome
     }
 
     fn snapshot(&self) -> VcpuSnapshot {
@@ -162,6 +281,11 @@ impl Vcpu {
             s.cr3 = sr.cr3;
             s.kernel_mode = sr.cs.selector & 3 == 0;
         }
+        s.halted = self
+            .fd
+            .get_mp_state()
+            .map(|m| m.mp_state == kvm_bindings::KVM_MP_STATE_HALTED)
+            .unwrap_or(false);
         s
     }
 
@@ -174,6 +298,7 @@ impl Vcpu {
                     shared.pio.read(port, data);
                     Next::Continue
                 }
+                VcpuExit::IoOut(port, _) if port == PORT_RETURN || port == PORT_EXCEPTION => Next::CallPort(port),
                 VcpuExit::IoOut(port, data) => {
                     shared.pio.write(port, data);
                     Next::Continue

@@ -287,6 +287,7 @@ impl Vm {
             pause: PauseControl::new(config.vcpus as usize),
             quirks,
             protect,
+            calls: vcpu::CallMailbox::new(config.vcpus as usize),
         });
 
         // vCPUs.
@@ -484,6 +485,17 @@ impl VmHandle {
             }
             None => false,
         }
+    }
+
+    /// Posts a guest call for vCPU `id`; it runs when that vCPU next leaves its park (post
+    /// while the vCPUs are paused, then resume them). False if one is pending already.
+    pub fn post_call(&self, id: u8, job: vcpu::CallJob) -> bool {
+        self.shared.calls.post(id, job)
+    }
+
+    /// Kicks vCPU `id` out of KVM_RUN (e.g. to stop a guest call that ran too long).
+    pub fn kick(&self, id: u8) {
+        self.shared.pause.kick(id, vcpu::kick_thread);
     }
 
     /// Parks every vCPU outside KVM_RUN; they resume when the guard drops.

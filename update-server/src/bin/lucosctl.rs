@@ -15,7 +15,8 @@ usage:
   lucosctl [CONN] apply FILE.ko [--wait SECS]   submit a signed patch module
   lucosctl [CONN] list                          list patches
   lucosctl [CONN] status [ID]                   details (transition blockers, timings)
-  lucosctl [CONN] rollback ID [--wait SECS]     undo a patch
+  lucosctl [CONN] rollback ID [--wait SECS]     undo a patch (committed, or still in transition)
+  lucosctl [CONN] cancel ID [--wait SECS]       same as rollback: give up a transition that cannot finish
   lucosctl keygen PREFIX                                 write PREFIX.key (private) and PREFIX.pub
   lucosctl sign --key PREFIX.key FILE.ko [-o OUT.ko]     append an ed25519 signature (default: in place)
 
@@ -172,10 +173,10 @@ fn run(args: Vec<String>) -> Result<(), String> {
                 .transpose()?;
             print_patches(&call(connect(&target)?.as_mut(), Op::Status, id, &[])?, true);
         }
-        "rollback" => {
+        "rollback" | "cancel" => {
             let id: u32 = rest
                 .get(1)
-                .ok_or("rollback needs an ID")?
+                .ok_or(format!("{cmd} needs an ID"))?
                 .parse()
                 .map_err(|_| "bad patch id")?;
             let mut c = connect(&target)?;

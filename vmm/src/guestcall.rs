@@ -1,0 +1,436 @@
+//! Running a guest kernel function from the VMM ("guest call"): how patch callbacks
+//! execute.
+//!
+//! The update server asks for `func(a0, a1)` to run in the guest. The VMM picks a vCPU at a
+//! *safe point* — running user code, or halted in the kernel's idle loop with interrupts
+//! on — so that vCPU holds no kernel lock and is in no interrupts-off section. With that
+//! vCPU out of KVM_RUN it saves the vCPU's state and enters the call in a private
+//! environment kept in the patch region (the "call area"):
+//!
+//! - a private stack, so nothing of the interrupted context is touched;
+//! - interrupts off (RFLAGS.IF = 0): the callback is not preempted and runs to completion
+//!   on this vCPU; the other vCPUs keep running, so a lock the callback needs is released
+//!   normally;
+//! - a private IDT whose every vector leads to a stub that reports the vector to the VMM
+//!   through an I/O port: a callback that faults (#PF, #GP, #UD, ...) is stopped there, it
+//!   never reaches the guest kernel's own handlers. NMIs are held and re-delivered after
+//!   the call;
+//! - a return trap: the trampoline calls `func` and reports its return value with an
+//!   `out` to [`PORT_RETURN`].
+//!
+//! The vCPU's saved state is then restored exactly (a vCPU taken from the idle loop
+//! resumes as after a spurious wake-up). A callback that does not return within its time
+//! limit is stopped the same way and reported as a timeout. Callbacks therefore run like
+//! hard-interrupt handlers: they must not sleep; the patch module's wrapper (see
+//! `guest-patches/include/lucos.h`) marks the context as such for RCU and preemption.
+//!
+//! User-mode safe points are used only when the guest kernel maps itself in user page
+//! tables (no page-table isolation); the switch to kernel mode is the one `syscall`
+//! makes: kernel CS/SS from MSR_STAR and `swapgs`.
+
+use iced_x86::code_asm::{dx, edx, rax, rsp, CodeAssembler};
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_sregs, Msrs, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::VcpuFd;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::boot::gdt::{gdt_entry, kvm_segment_from_gdt};
+use crate::boot::regs::{read_msrs, MSR_KERNEL_GS_BASE, MSR_STAR};
+use crate::memory::GuestMem;
+
+/// The trampoline reports the callback's return (RAX) with an `out` here.
+pub const PORT_RETURN: u16 = 0x5e0;
+/// The exception stubs report here, with the vector pushed on the private stack.
+pub const PORT_EXCEPTION: u16 = 0x5e1;
+
+/// Size of the call area: IDT page, code page, stack.
+pub const AREA_SIZE: u64 = 64 << 10;
+const IDT_OFF: u64 = 0;
+const CODE_OFF: u64 = 0x1000;
+const STACK_TOP_OFF: u64 = AREA_SIZE;
+const VECTORS: u64 = 256;
+const NMI_VECTOR: u64 = 2;
+const RFLAGS_IF: u64 = 1 << 9;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CallError {
+    #[error("no vCPU reached a safe point (user mode, or idle with interrupts on) within {0:?}")]
+    NoSafePoint(std::time::Duration),
+    #[error("vCPU {vcpu} is not at a safe point: {why}")]
+    NotSafe { vcpu: u8, why: String },
+    #[error("the callback raised exception {} (vector {vector}) at {rip:#x}{}", vector_name(*vector), error_code.map(|c| format!(", error code {c:#x}")).unwrap_or_default())]
+    Exception {
+        vector: u8,
+        rip: u64,
+        error_code: Option<u64>,
+    },
+    #[error("the callback did not return within {limit:?} (stopped at {rip:#x})")]
+    Timeout { limit: std::time::Duration, rip: u64 },
+    #[error("the guest could not execute the callback: {0}")]
+    Emulation(String),
+    #[error("the VM is stopping")]
+    Stopping,
+    #[error("building the call area: {0}")]
+    Assemble(String),
+    #[error("KVM: {0}")]
+    Kvm(String),
+    #[error("guest memory at {0:#x} is not accessible")]
+    Memory(u64),
+}
+
+/// Short name of an exception vector.
+pub fn vector_name(v: u8) -> &'static str {
+    const N: [&str; 21] = [
+        "#DE",
+        "#DB",
+        "NMI",
+        "#BP",
+        "#OF",
+        "#BR",
+        "#UD",
+        "#NM",
+        "#DF",
+        "coprocessor overrun",
+        "#TS",
+        "#NP",
+        "#SS",
+        "#GP",
+        "#PF",
+        "reserved",
+        "#MF",
+        "#AC",
+        "#MC",
+        "#XM",
+        "#VE",
+    ];
+    match v {
+        0..=20 => N[v as usize],
+        21 => "#CP",
+        29 => "#VC",
+        30 => "#SX",
+        32.. => "an external interrupt (the callback enabled interrupts)",
+        _ => "reserved",
+    }
+}
+
+/// Whether the CPU pushes an error code for `vector`.
+fn has_error_code(vector: u64) -> bool {
+    matches!(vector, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+/// Where the call area is, in both address spaces (contiguous).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallArea {
+    pub va: u64,
+    pub gpa: u64,
+    /// Kernel code selector for the IDT gates.
+    pub kernel_cs: u16,
+}
+
+/// Offsets of the entry points in the code page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entries {
+    trampoline: u64,
+    nmi_resume: u64,
+}
+
+impl CallArea {
+    fn stack_top(&self) -> u64 {
+        self.va + STACK_TOP_OFF
+    }
+
+    fn idt_va(&self) -> u64 {
+        self.va + IDT_OFF
+    }
+
+    /// Code page: trampoline, NMI resume, the common stub tail, 256 vector stubs. Returns
+    /// the code and the stub addresses.
+    fn assemble(&self) -> Result<(Vec<u8>, Entries, Vec<u64>), CallError> {
+        let e = |e: iced_x86::IcedError| CallError::Assemble(e.to_string());
+        let base = self.va + CODE_OFF;
+        let mut a = CodeAssembler::new(64).map_err(e)?;
+        let mut tramp = a.create_label();
+        let mut nmi = a.create_label();
+        let mut common = a.create_label();
+        let mut stubs: Vec<_> = (0..VECTORS).map(|_| a.create_label()).collect();
+        // Trampoline: RAX = function, RDI/RSI = arguments, RSP = top of the private stack.
+        a.set_label(&mut tramp).map_err(e)?;
+        a.call(rax).map_err(e)?;
+        a.mov(edx, PORT_RETURN as u32).map_err(e)?;
+        a.out(dx, iced_x86::code_asm::al).map_err(e)?;
+        a.ud2().map_err(e)?;
+        // After a held NMI: drop the pushed vector, return into the callback.
+        a.set_label(&mut nmi).map_err(e)?;
+        a.add(rsp, 8).map_err(e)?;
+        a.iretq().map_err(e)?;
+        a.set_label(&mut common).map_err(e)?;
+        a.mov(edx, PORT_EXCEPTION as u32).map_err(e)?;
+        a.out(dx, iced_x86::code_asm::al).map_err(e)?;
+        a.ud2().map_err(e)?;
+        for (v, l) in stubs.iter_mut().enumerate() {
+            a.set_label(l).map_err(e)?;
+            a.push(v as i32).map_err(e)?;
+            a.jmp(common).map_err(e)?;
+        }
+        let res = a
+            .assemble_options(base, iced_x86::BlockEncoderOptions::RETURN_NEW_INSTRUCTION_OFFSETS)
+            .map_err(e)?;
+        let entries = Entries {
+            trampoline: res.label_ip(&tramp).map_err(e)?,
+            nmi_resume: res.label_ip(&nmi).map_err(e)?,
+        };
+        let stub_ips = stubs
+            .iter()
+            .map(|l| res.label_ip(l))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(e)?;
+        let code = res.inner.code_buffer;
+        if code.len() as u64 > 0x1000 {
+            return Err(CallError::Assemble(format!("code is {} bytes", code.len())));
+        }
+        Ok((code, entries, stub_ips))
+    }
+
+    /// Writes the IDT and the code into guest memory (idempotent).
+    pub fn install(&self, mem: &GuestMem) -> Result<(), CallError> {
+        let (code, _, stubs) = self.assemble()?;
+        let mut idt = vec![0u8; (VECTORS * 16) as usize];
+        for (v, h) in stubs.iter().enumerate() {
+            idt[v * 16..v * 16 + 16].copy_from_slice(&gate(*h, self.kernel_cs));
+        }
+        mem.write_slice(&idt, GuestAddress(self.gpa + IDT_OFF))
+            .map_err(|_| CallError::Memory(self.gpa))?;
+        mem.write_slice(&code, GuestAddress(self.gpa + CODE_OFF))
+            .map_err(|_| CallError::Memory(self.gpa + CODE_OFF))
+    }
+
+    fn entries(&self) -> Result<Entries, CallError> {
+        Ok(self.assemble()?.1)
+    }
+}
+
+/// A 64-bit interrupt gate (DPL 0, no IST) to `target`.
+fn gate(target: u64, cs: u16) -> [u8; 16] {
+    let lo = (target & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((target >> 16) & 0xffff) << 48;
+    let mut g = [0u8; 16];
+    g[..8].copy_from_slice(&lo.to_le_bytes());
+    g[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
+    g
+}
+
+/// The state of the vCPU before the call, restored afterwards.
+pub struct Saved {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    /// MSR_KERNEL_GS_BASE, when the call swapped GS (entered from user mode).
+    kernel_gs: Option<u64>,
+    entries: Entries,
+    area: CallArea,
+    /// An NMI arrived during the call; it is delivered after the restore.
+    pub nmi_held: bool,
+}
+
+/// What the vCPU's state must satisfy for a call to start here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SafePoint {
+    /// Allow a vCPU running user code (the guest kernel is mapped in user page tables).
+    pub user_ok: bool,
+}
+
+fn kvm_err(e: kvm_ioctls::Error) -> CallError {
+    CallError::Kvm(e.to_string())
+}
+
+/// Saves the vCPU's state and points it at the trampoline to run `func(args)`. The
+/// caller has decided the vCPU is at a safe point (this re-checks what KVM can tell).
+pub fn enter(
+    vcpu: &VcpuFd,
+    id: u8,
+    area: &CallArea,
+    safe: SafePoint,
+    func: u64,
+    args: [u64; 2],
+) -> Result<Saved, CallError> {
+    let not_safe = |why: &str| CallError::NotSafe {
+        vcpu: id,
+        why: why.into(),
+    };
+    let regs = vcpu.get_regs().map_err(kvm_err)?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err)?;
+    let ev = vcpu.get_vcpu_events().map_err(kvm_err)?;
+    if ev.exception.injected != 0 || ev.exception.pending != 0 || ev.interrupt.injected != 0 || ev.nmi.injected != 0 {
+        return Err(not_safe("an exception or interrupt is being delivered"));
+    }
+    let user = sregs.cs.selector & 3 == 3;
+    if user && !safe.user_ok {
+        return Err(not_safe("it runs user code and the kernel is not mapped there"));
+    }
+    if !user && regs.rflags & RFLAGS_IF == 0 {
+        return Err(not_safe("it runs kernel code with interrupts off"));
+    }
+    let entries = area.entries()?;
+    let mut s = sregs;
+    let mut kernel_gs = None;
+    if user {
+        let [star, kgs] =
+            read_msrs(vcpu, [MSR_STAR, MSR_KERNEL_GS_BASE]).ok_or_else(|| CallError::Kvm("reading MSR_STAR".into()))?;
+        let cs = ((star >> 32) as u16) & !3;
+        s.cs = kvm_segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), (cs >> 3) as u8);
+        s.ss = kvm_segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), ((cs + 8) >> 3) as u8);
+        // swapgs, as the kernel's entry code would do.
+        s.gs.base = kgs;
+        write_msr(vcpu, MSR_KERNEL_GS_BASE, sregs.gs.base)?;
+        kernel_gs = Some(kgs);
+    }
+    (s.idt.base, s.idt.limit) = (area.idt_va(), (VECTORS * 16 - 1) as u16);
+    let mut r = regs;
+    r.rip = entries.trampoline;
+    r.rsp = area.stack_top();
+    r.rflags = 2;
+    r.rax = func;
+    (r.rdi, r.rsi) = (args[0], args[1]);
+    let saved = Saved {
+        regs,
+        sregs,
+        kernel_gs,
+        entries,
+        area: *area,
+        nmi_held: false,
+    };
+    let set = vcpu.set_sregs(&s).and_then(|_| vcpu.set_regs(&r)).and_then(|_| {
+        vcpu.set_mp_state(kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+    });
+    if let Err(e) = set {
+        let _ = leave(vcpu, &saved);
+        return Err(kvm_err(e));
+    }
+    Ok(saved)
+}
+
+fn write_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<(), CallError> {
+    let m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }])
+    .map_err(|e| CallError::Kvm(format!("{e:?}")))?;
+    match vcpu.set_msrs(&m) {
+        Ok(1) => Ok(()),
+        Ok(_) => Err(CallError::Kvm(format!("MSR {index:#x} not written"))),
+        Err(e) => Err(kvm_err(e)),
+    }
+}
+
+/// What an `out` to a call port means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The callback returned this value.
+    Returned(u64),
+    /// An NMI arrived; it is held and the callback goes on.
+    Continue,
+    /// The callback faulted.
+    Failed(CallError),
+}
+
+/// Interprets an exit on [`PORT_RETURN`] or [`PORT_EXCEPTION`] during a call.
+pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> Result<Step, CallError> {
+    let mut regs = vcpu.get_regs().map_err(kvm_err)?;
+    if port == PORT_RETURN {
+        return Ok(Step::Returned(regs.rax));
+    }
+    let gpa = |va: u64| saved.area.gpa + va.wrapping_sub(saved.area.va);
+    let read = |va: u64| -> Result<u64, CallError> {
+        if va < saved.area.va || va + 8 > saved.area.va + AREA_SIZE {
+            return Err(CallError::Memory(va));
+        }
+        mem.read_obj::<u64>(GuestAddress(gpa(va)))
+            .map_err(|_| CallError::Memory(va))
+    };
+    let vector = read(regs.rsp)?;
+    if vector == NMI_VECTOR {
+        saved.nmi_held = true;
+        regs.rip = saved.entries.nmi_resume;
+        vcpu.set_regs(&regs).map_err(kvm_err)?;
+        return Ok(Step::Continue);
+    }
+    let (error_code, frame) = if has_error_code(vector) {
+        (Some(read(regs.rsp + 8)?), regs.rsp + 16)
+    } else {
+        (None, regs.rsp + 8)
+    };
+    Ok(Step::Failed(CallError::Exception {
+        vector: vector as u8,
+        rip: read(frame)?,
+        error_code,
+    }))
+}
+
+/// Restores the vCPU's state from before the call (and delivers a held NMI).
+pub fn leave(vcpu: &VcpuFd, saved: &Saved) -> Result<(), CallError> {
+    vcpu.set_sregs(&saved.sregs).map_err(kvm_err)?;
+    vcpu.set_regs(&saved.regs).map_err(kvm_err)?;
+    if let Some(kgs) = saved.kernel_gs {
+        write_msr(vcpu, MSR_KERNEL_GS_BASE, kgs)?;
+    }
+    // A vCPU taken from HLT resumes after it: the idle loop sees a spurious wake-up.
+    vcpu.set_mp_state(kvm_mp_state {
+        mp_state: KVM_MP_STATE_RUNNABLE,
+    })
+    .map_err(kvm_err)?;
+    if saved.nmi_held {
+        vcpu.nmi().map_err(kvm_err)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use iced_x86::{Decoder, DecoderOptions, Mnemonic};
+
+    fn area() -> CallArea {
+        CallArea {
+            va: 0xffff_ffff_9fe0_1000,
+            gpa: 0x1fe0_1000,
+            kernel_cs: 0x10,
+        }
+    }
+
+    #[test]
+    fn code_fits_its_page_and_stubs_push_their_vector() {
+        let a = area();
+        let (code, entries, stubs) = a.assemble().unwrap();
+        assert!(code.len() <= 0x1000, "{}", code.len());
+        assert_eq!(entries.trampoline, a.va + CODE_OFF);
+        assert_eq!(stubs.len(), 256);
+        for v in [0u64, 2, 13, 14, 255] {
+            let off = (stubs[v as usize] - a.va - CODE_OFF) as usize;
+            let mut d = Decoder::with_ip(64, &code[off..], stubs[v as usize], DecoderOptions::NONE);
+            let push = d.decode();
+            assert_eq!(push.mnemonic(), Mnemonic::Push);
+            assert_eq!(push.immediate64() as u8, v as u8);
+            assert_eq!(d.decode().mnemonic(), Mnemonic::Jmp);
+        }
+        let mut d = Decoder::with_ip(64, &code, a.va + CODE_OFF, DecoderOptions::NONE);
+        assert_eq!(d.decode().mnemonic(), Mnemonic::Call);
+    }
+
+    #[test]
+    fn gates_are_interrupt_gates_to_the_stub() {
+        let g = gate(0xffff_ffff_9fe0_2345, 0x10);
+        assert_eq!(crate::pvm::gate_target(&g), 0xffff_ffff_9fe0_2345);
+        assert_eq!(u16::from_le_bytes([g[2], g[3]]), 0x10);
+        assert_eq!(g[5], 0x8e);
+        assert_eq!(g[4], 0, "no IST");
+    }
+
+    #[test]
+    fn error_codes_and_names() {
+        assert!(has_error_code(14) && has_error_code(13) && !has_error_code(6) && !has_error_code(3));
+        assert_eq!(vector_name(14), "#PF");
+        assert_eq!(vector_name(6), "#UD");
+        assert!(vector_name(40).contains("interrupt"));
+    }
+}
