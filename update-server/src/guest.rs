@@ -72,4 +72,6 @@ pub trait Guest: Send + Sync {
     /// longer than `limit` stops it and is returned as an error. Never inside
     /// `stop_the_world` (the other vCPUs keep running during the call).
     fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError>;
+    /// Guest pages that are write-protected right now (read-only memslots in KVM).
+    fn readonly_pages(&self) -> u64;
 }

@@ -959,6 +959,9 @@ mod tests {
                 _ => Ok(0),
             }
         }
+        fn readonly_pages(&self) -> u64 {
+            self.rules.lock().unwrap().len() as u64
+        }
         fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
             let mut r = self.rules.lock().unwrap();
             let before = r.len();

@@ -61,6 +61,7 @@ impl UpdateServer {
                 let m = self.manager();
                 Response {
                     ok: true,
+                    message: format!("write-protected guest pages: {}", self.guest.readonly_pages()),
                     patches: m.patches().iter().map(patch_info).collect(),
                     ..Default::default()
                 }

@@ -210,7 +210,7 @@ impl CallArea {
 }
 
 /// A 64-bit interrupt gate (DPL 0, no IST) to `target`.
-fn gate(target: u64, cs: u16) -> [u8; 16] {
+pub fn gate(target: u64, cs: u16) -> [u8; 16] {
     let lo = (target & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((target >> 16) & 0xffff) << 48;
     let mut g = [0u8; 16];
     g[..8].copy_from_slice(&lo.to_le_bytes());

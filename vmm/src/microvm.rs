@@ -46,9 +46,7 @@ pub fn image(user: Range<u64>, handlers: &[u64]) -> Vec<u8> {
     put(&mut m, GDT + 0x40, &tss_lo.to_le_bytes());
     put(&mut m, TSS + 4, &KSTACK.to_le_bytes());
     for (v, h) in handlers.iter().enumerate() {
-        let lo = (h & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((h >> 16) & 0xffff) << 48;
-        put(&mut m, IDT + 16 * v as u64, &lo.to_le_bytes());
-        put(&mut m, IDT + 16 * v as u64 + 8, &(h >> 32).to_le_bytes());
+        put(&mut m, IDT + 16 * v as u64, &crate::guestcall::gate(*h, 0x10));
     }
     m
 }

@@ -225,11 +225,7 @@ mod tests {
     use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
 
     fn linux_gate(target: u64) -> [u8; 16] {
-        let lo = (target & 0xffff) | (0x10 << 16) | (0x8e00u64 << 32) | ((target >> 16) & 0xffff) << 48;
-        let mut g = [0u8; 16];
-        g[..8].copy_from_slice(&lo.to_le_bytes());
-        g[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
-        g
+        crate::guestcall::gate(target, 0x10)
     }
 
     #[test]

@@ -312,6 +312,10 @@ impl Guest for VmGuest {
         }
     }
 
+    fn readonly_pages(&self) -> u64 {
+        self.handle.readonly_bytes() / 4096
+    }
+
     fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError> {
         self.ensure_verified()?;
         self.ensure_call_area()?;

@@ -475,6 +475,11 @@ impl VmHandle {
         self.shared.protect.unprotect(owner)
     }
 
+    /// Bytes of guest RAM in read-only memslots right now.
+    pub fn readonly_bytes(&self) -> u64 {
+        self.shared.protect.readonly_slots().iter().map(|s| s.size).sum()
+    }
+
     /// Serves guest vsock connections to host ports with `listener` (replacing any earlier
     /// one). Returns false when the VM has no vsock device.
     pub fn set_vsock_listener(&self, listener: Arc<dyn PortListener>) -> bool {

@@ -6,7 +6,9 @@
 //!   lock: the blocked writers complete, their thread callbacks run as they leave the old
 //!   code, the patch commits, and the error path no longer leaks.
 //! - A callback that faults and one that never returns: the update is aborted, the patch
-//!   rolled back, the guest keeps running the original code.
+//!   rolled back, the guest keeps running the original code. A data patch whose callback
+//!   faults after its global was converted and write-protected: the value is converted
+//!   back and no guest page stays read-only.
 //!
 //! One boot (2 vCPUs) for all of it: boots are slow on a software-assisted KVM.
 
@@ -32,9 +34,10 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     let dir = tempdir("patch-callbacks");
     let keys = Keys::new(&dir);
     let sign = |rel: &str| keys.sign(&std::fs::read(build_patch(rel)).unwrap());
-    let (fault, hang, fix) = (
+    let (fault, hang, fault_data, fix) = (
         sign("callback-faults/lucos_cb_fault.ko"),
         sign("callback-faults/lucos_cb_hang.ko"),
+        sign("callback-faults/lucos_cb_fault_data.ko"),
         sign("deadlock-fix/lucos_deadlock_fix.ko"),
     );
     let sock = dir.join("api.sock");
@@ -50,11 +53,19 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
         eprintln!("refused as expected: {}", r.error);
         assert_eq!(s.run("cat /proc/cmdline"), cmdline, "original code still runs");
     }
+    let tunable = s.run("cat /proc/lucos_demo_timeout");
+    let r = call(&sock, Op::Apply, None, &fault_data);
+    assert!(!r.ok && r.error.contains("#PF"), "{r:?}");
+    assert_eq!(s.run("cat /proc/lucos_demo_timeout"), tunable, "value converted back");
+    s.run("echo 300 > /proc/lucos_demo_timeout");
+    assert_eq!(s.run("cat /proc/lucos_demo_timeout"), ["300 ms"]);
     let list = call(&sock, Op::List, None, &[]);
-    assert_eq!(list.patches.len(), 2, "{list:?}");
+    assert_eq!(list.patches.len(), 3, "{list:?}");
     for p in &list.patches {
         wait_state(&sock, p.id, "rolled-back");
     }
+    let list = call(&sock, Op::List, None, &[]);
+    assert_eq!(list.message, "write-protected guest pages: 0", "{list:?}");
 
     // The bug: a negative value leaves the lock held; later writers block.
     s.run("echo 5 > /proc/lucos_demo_lock");
