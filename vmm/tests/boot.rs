@@ -73,6 +73,7 @@ fn boots_smp_with_two_vcpus() {
 fn guest_panic_is_reported_with_exit_code_3() {
     // No such init and no /bin/sh in the cpio itself: the kernel panics.
     let (k, i) = images();
+    let _slot = common::guest_slot();
     let out = vmm()
         .args(["run", "--no-stdin", "--timeout", "900", "--mem", "256M", "--kernel"])
         .arg(&k)

@@ -8,7 +8,8 @@
 //! - A callback that faults and one that never returns: the update is aborted, the patch
 //!   rolled back, the guest keeps running the original code. A data patch whose callback
 //!   faults after its global was converted and write-protected: the value is converted
-//!   back and no guest page stays read-only.
+//!   back and no guest page stays read-only. Data rules naming a missing global or kernel
+//!   text are refused before anything is written.
 //!
 //! One boot (2 vCPUs) for all of it: boots are slow on a software-assisted KVM.
 
@@ -34,6 +35,10 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     let dir = tempdir("patch-callbacks");
     let keys = Keys::new(&dir);
     let sign = |rel: &str| keys.sign(&std::fs::read(build_patch(rel)).unwrap());
+    let (missing, text) = (
+        sign("bad-data/lucos_bad_data_missing.ko"),
+        sign("bad-data/lucos_bad_data_text.ko"),
+    );
     let (fault, hang, fault_data, fix) = (
         sign("callback-faults/lucos_cb_fault.ko"),
         sign("callback-faults/lucos_cb_hang.ko"),
@@ -44,6 +49,17 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     let mut s = Session::boot(2, &keys.vmm_args(&sock));
     s.run("dmesg -n 1"); // kernel messages off the console: they would interleave
     let cmdline = s.run("cat /proc/cmdline");
+
+    // Bad data objects: refused before the guest is touched (no patch is created).
+    for (ko, want) in [
+        (&missing, "data object 'lucos_no_such_global' not found"),
+        (&text, "lies in kernel text"),
+    ] {
+        let r = call(&sock, Op::Apply, None, ko);
+        assert!(!r.ok && r.error.contains(want), "{r:?}");
+    }
+    assert!(call(&sock, Op::List, None, &[]).patches.is_empty());
+    assert_eq!(s.run("cat /proc/cmdline"), cmdline);
 
     // Failing callbacks: the update is aborted and rolled back, the guest is unharmed.
     for (ko, want) in [(&fault, "#PF"), (&hang, "did not return within")] {

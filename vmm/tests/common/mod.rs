@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 
 /// Generous limit so a wedged guest fails the test instead of hanging CI.
 pub const BOOT_TIMEOUT_SECS: u64 = 900;
@@ -25,6 +26,16 @@ pub fn images() -> (PathBuf, PathBuf) {
         d.display()
     );
     (k, i)
+}
+
+static GUEST: Mutex<()> = Mutex::new(());
+
+/// Held while a test runs a guest: one guest at a time per test binary (cargo runs the
+/// binaries one after another). A guest on a software-assisted KVM is CPU-bound, so
+/// parallel guests only slow each other down, and on PVM hosts contention between guests
+/// has exposed host bugs that tests are not about.
+pub fn guest_slot() -> MutexGuard<'static, ()> {
+    GUEST.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 pub fn vmm() -> Command {
@@ -71,6 +82,7 @@ pub fn boot(vcpus: u8, run: &str, extra: &[&str]) -> Boot {
 /// Like [`boot`] with an explicit `--timeout`.
 pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> Boot {
     let (k, i) = images();
+    let _slot = guest_slot();
     let encoded = run.replace(' ', "+");
     assert!(!encoded.contains('"'), "keep guest commands free of double quotes");
     let out = vmm()

@@ -12,6 +12,7 @@ pub const SHELL_TIMEOUT: Duration = Duration::from_secs(600);
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(180);
 
 pub struct Session {
+    _slot: std::sync::MutexGuard<'static, ()>,
     child: Child,
     stdin: ChildStdin,
     lines: Receiver<String>,
@@ -23,6 +24,7 @@ impl Session {
     /// Boots the guest to its shell. `extra` are additional `lucos-vmm run` arguments.
     pub fn boot(vcpus: u8, extra: &[&str]) -> Session {
         let (k, i) = super::images();
+        let slot = super::guest_slot();
         let mut child = Command::new(env!("CARGO_BIN_EXE_lucos-vmm"))
             .args(["run", "--kernel"])
             .arg(&k)
@@ -54,6 +56,7 @@ impl Session {
             }
         });
         let mut s = Session {
+            _slot: slot,
             child,
             stdin,
             lines,
