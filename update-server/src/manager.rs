@@ -342,15 +342,15 @@ impl Manager {
                 size,
                 why,
             };
-            if size != 4 && size != 8 {
-                return Err(bad("only 4- and 8-byte integers can be scaled".into()));
-            }
             for (what, rng) in [("kernel text", text), ("read-only data", rodata)] {
                 if let Some((lo, hi)) = rng {
-                    if addr < hi && addr + size > lo {
+                    if addr < hi && addr + size.max(1) > lo {
                         return Err(bad(format!("it lies in {what}")));
                     }
                 }
+            }
+            if size != 4 && size != 8 {
+                return Err(bad("only 4- and 8-byte integers can be scaled".into()));
             }
             if let Some(o) = out.iter().find(|o| o.addr >> 12 == addr >> 12) {
                 return Err(bad(format!("it shares a page with '{}' of the same patch", o.name)));
