@@ -72,7 +72,7 @@ struct lucos_data {
 
 struct lucos_callback {
 	u32 kind;			/* LUCOS_CB_* */
-	u32 timeout_ms;			/* 0: the server's default (100 ms) */
+	u32 timeout_ms;			/* 0: the server's default (1 s) */
 	char name[LUCOS_NAME_MAX];	/* the patch author's function, for messages */
 	char entry[LUCOS_NAME_MAX];	/* the wrapper the server calls */
 	void *keep;			/* keeps the wrapper alive; unused by the server */

@@ -15,7 +15,7 @@ const INFO_RECORD: usize = 4 + NAME_MAX + 256;
 const DATA_RECORD: usize = NAME_MAX + 16;
 const CALLBACK_RECORD: usize = 8 + 2 * NAME_MAX + 8;
 /// Time limit of a callback that does not set one.
-pub const DEFAULT_CALLBACK_LIMIT: Duration = Duration::from_millis(100);
+pub const DEFAULT_CALLBACK_LIMIT: Duration = Duration::from_secs(1);
 pub const ABI_VERSION: u32 = 1;
 
 #[derive(Debug, Error, PartialEq, Eq)]
