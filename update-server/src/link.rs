@@ -128,15 +128,18 @@ pub fn link(m: &PatchModule, base: u64, kernel: &dyn Fn(&str) -> Option<u64>) ->
             elf::R_X86_64_64 => ((s_plus_a as u64).to_le_bytes(), 8),
             elf::R_X86_64_PC64 => (((s_plus_a - p as i128) as u64).to_le_bytes(), 8),
             elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 => {
-                let v = s_plus_a - p as i128;
-                if v < i32::MIN as i128 || v > i32::MAX as i128 {
+                // RIP-relative addressing wraps at 2^64 (as the kernel's module loader
+                // computes it): a per-CPU symbol (zero-based, e.g. `%gs:__preempt_count(%rip)`)
+                // is reachable from the top 2 GiB.
+                let v = (s_plus_a as u64).wrapping_sub(p) as i64;
+                if v < i64::from(i32::MIN) || v > i64::from(i32::MAX) {
                     return Err(LinkError::Overflow {
                         symbol: r.name.clone(),
                         name: r_name(r.r_type),
-                        value: v,
+                        value: v.into(),
                     });
                 }
-                ((v as i64 as u64).to_le_bytes(), 4)
+                ((v as u64).to_le_bytes(), 4)
             }
             elf::R_X86_64_32S => {
                 // The 64-bit value must equal the sign extension of its low 32 bits.
@@ -297,11 +300,21 @@ mod tests {
         ));
 
         // PC32 to something more than 2 GiB away overflows.
-        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::Absolute(0x1000), 0)]);
+        let m = module(vec![reloc(
+            elf::R_X86_64_PC32,
+            0,
+            SymbolPlace::Absolute(0x1_0000_0000),
+            0,
+        )]);
         assert!(matches!(
             link(&m, BASE, &kernel).unwrap_err(),
             LinkError::Overflow { .. }
         ));
+        // A zero-based per-CPU offset is reachable from the top 2 GiB (RIP wraps at 2^64).
+        let m = module(vec![reloc(elf::R_X86_64_PC32, 0, SymbolPlace::Absolute(0x1c0a4), -4)]);
+        let l = link(&m, BASE, &kernel).unwrap();
+        let disp = i32::from_le_bytes(l.image[..4].try_into().unwrap());
+        assert_eq!(BASE.wrapping_add(4).wrapping_add(disp as i64 as u64), 0x1c0a4);
 
         // 32 (zero-extended) cannot hold a kernel address.
         let m = module(vec![reloc(
