@@ -11,7 +11,7 @@ use ed25519_dalek::VerifyingKey;
 use log::{debug, info, warn};
 
 use crate::guest::Guest;
-use crate::manager::{Manager, Patch};
+use crate::manager::{ApplyError, Manager, Patch};
 use crate::module::PatchModule;
 use crate::protocol::{self, Op, PatchInfo, Request, Response};
 use crate::signing;
@@ -133,6 +133,8 @@ impl UpdateServer {
                     ..Default::default()
                 }
             }
+            // A callback failed after the jumps went in: the patch exists and was rolled back.
+            Err(e @ ApplyError::CallbackAborted { .. }) => Response::error(format!("apply failed: {e}")),
             Err(e) => Response::error(format!("apply failed, guest unchanged: {e}")),
         }
     }

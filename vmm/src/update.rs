@@ -324,8 +324,10 @@ impl Guest for VmGuest {
             return Err(gerr(format!("{func:#x} is not patch code")));
         }
         self.guest_call(func, args, limit).map_err(|e| match e {
-            CallError::Exception { rip, .. } | CallError::Timeout { rip, .. } => {
-                gerr(format!("{e} [{}]", self.kernel.symbols.describe(rip)))
+            CallError::Exception { rip, .. } | CallError::Timeout { rip, .. }
+                if self.kernel.symbols.lookup(rip).is_some() =>
+            {
+                gerr(format!("{e} (in {})", self.kernel.symbols.describe(rip)))
             }
             e => gerr(e),
         })

@@ -87,8 +87,8 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     s.run("echo 5 > /proc/lucos_demo_lock");
     assert_eq!(lock_state(&mut s), "value 5 holder 0 waiters 0");
     s.run("sh -c 'echo -1 > /proc/lucos_demo_lock'; echo rc=$?");
-    s.run("(echo 7 > /proc/lucos_demo_lock && echo done > /tmp/w7) &");
-    s.run("(echo 8 > /proc/lucos_demo_lock && echo done > /tmp/w8) &");
+    s.run("(echo 7 > /proc/lucos_demo_lock && echo done > /tmp/w7) & true");
+    s.run("(echo 8 > /proc/lucos_demo_lock && echo done > /tmp/w8) & true");
     s.run("sleep 3");
     let st = lock_state(&mut s);
     assert_eq!(waiters(&st), 2, "both writers blocked: {st}");
