@@ -241,10 +241,27 @@ fn kvm_err(e: kvm_ioctls::Error) -> CallError {
     CallError::Kvm(e.to_string())
 }
 
+/// Finishes the I/O or MMIO of the vCPU's last exit without running guest code (KVM_RUN
+/// with `immediate_exit`), so its registers are final. KVM completes such an exit (e.g.
+/// moves RIP past a fast-path `out`, stores an MMIO read) only on the next KVM_RUN; state
+/// saved or replaced before that would be inconsistent.
+pub fn settle(vcpu: &mut VcpuFd) -> Result<(), CallError> {
+    vcpu.set_kvm_immediate_exit(1);
+    let r = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
+        Err(e) => Err(kvm_err(e)),
+        Ok(exit) => Err(CallError::Kvm(format!(
+            "unexpected exit while completing I/O: {exit:?}"
+        ))),
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    r
+}
+
 /// Saves the vCPU's state and points it at the trampoline to run `func(args)`. The
 /// caller has decided the vCPU is at a safe point (this re-checks what KVM can tell).
 pub fn enter(
-    vcpu: &VcpuFd,
+    vcpu: &mut VcpuFd,
     id: u8,
     area: &CallArea,
     safe: SafePoint,
@@ -255,6 +272,7 @@ pub fn enter(
         vcpu: id,
         why: why.into(),
     };
+    settle(vcpu)?;
     let regs = vcpu.get_regs().map_err(kvm_err)?;
     let sregs = vcpu.get_sregs().map_err(kvm_err)?;
     let ev = vcpu.get_vcpu_events().map_err(kvm_err)?;
@@ -368,7 +386,9 @@ pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> R
 }
 
 /// Restores the vCPU's state from before the call (and delivers a held NMI).
-pub fn leave(vcpu: &VcpuFd, saved: &Saved) -> Result<(), CallError> {
+pub fn leave(vcpu: &mut VcpuFd, saved: &Saved) -> Result<(), CallError> {
+    // The trampoline's last `out` is completed first, then the state replaced.
+    settle(vcpu)?;
     vcpu.set_sregs(&saved.sregs).map_err(kvm_err)?;
     vcpu.set_regs(&saved.regs).map_err(kvm_err)?;
     if let Some(kgs) = saved.kernel_gs {

@@ -224,7 +224,7 @@ impl Vcpu {
 
     /// Runs a guest call on this vCPU and restores its state (see [`crate::guestcall`]).
     fn guest_call(&mut self, job: &CallJob) -> Result<u64, CallError> {
-        let mut saved = guestcall::enter(&self.fd, self.id, &job.area, job.safe, job.func, job.args)?;
+        let mut saved = guestcall::enter(&mut self.fd, self.id, &job.area, job.safe, job.func, job.args)?;
         debug!(
             "vcpu{}: guest call {:#x}({:#x}, {:#x})",
             self.id, job.func, job.args[0], job.args[1]
@@ -261,7 +261,7 @@ impl Vcpu {
                 }
             }
         };
-        if let Err(e) = guestcall::leave(&self.fd, &saved) {
+        if let Err(e) = guestcall::leave(&mut self.fd, &saved) {
             let msg = format!("vCPU {}: cannot restore its state after a guest call: {e}", self.id);
             let _ = self.shared.events.send(VmEvent::Crash(msg));
             return Err(e);

@@ -83,7 +83,7 @@ fn call(
     func: u64,
     args: [u64; 2],
 ) -> Result<u64, CallError> {
-    let mut saved = guestcall::enter(&m.vcpu, 0, area, safe, func, args)?;
+    let mut saved = guestcall::enter(&mut m.vcpu, 0, area, safe, func, args)?;
     let result = loop {
         let port = run_to_port(&mut m.vcpu);
         assert!(
@@ -96,7 +96,7 @@ fn call(
             Step::Failed(e) => break Err(e),
         }
     };
-    guestcall::leave(&m.vcpu, &saved)?;
+    guestcall::leave(&mut m.vcpu, &saved)?;
     result
 }
 
@@ -165,7 +165,9 @@ fn kernel_mode_vcpu_runs_a_call_and_resumes() {
     let mut r = m.vcpu.get_regs().unwrap();
     r.rflags = 2;
     m.vcpu.set_regs(&r).unwrap();
-    let e = guestcall::enter(&m.vcpu, 0, &area, safe, add, [1, 1]).err().unwrap();
+    let e = guestcall::enter(&mut m.vcpu, 0, &area, safe, add, [1, 1])
+        .err()
+        .unwrap();
     assert!(matches!(e, CallError::NotSafe { .. }), "{e}");
 }
 
@@ -198,7 +200,7 @@ fn user_mode_vcpu_is_switched_to_the_kernel_and_back() {
         assert_eq!(run_to_port(&mut m.vcpu), TICK);
     }
     let before = counter(&m);
-    let e = guestcall::enter(&m.vcpu, 0, &area, SafePoint { user_ok: false }, add, [1, 1])
+    let e = guestcall::enter(&mut m.vcpu, 0, &area, SafePoint { user_ok: false }, add, [1, 1])
         .err()
         .unwrap();
     assert!(matches!(e, CallError::NotSafe { .. }), "{e}");
