@@ -1,23 +1,22 @@
 //! The lucos update server: applies live patches to a running guest kernel from outside
 //! it. It runs inside the lucos-vmm process, next to the vCPUs it pauses.
 //!
-//! Module plan (see ../shared/DESIGN.md, steps 2-7):
+//! Modules (see ../shared/DESIGN.md, steps 2-7):
 //! - `protocol`: the framed wire protocol (length-prefixed JSON header + payload) spoken on
 //!   the vsock host end (CID 2, fixed port) and on the VMM's Unix API socket.
 //! - `signing`: ed25519 verification of submitted modules against `--trusted-key` keys.
-//! - `module`: parsing a patch module (ELF relocatable `.ko`) and its `.lucos.*` sections
-//!   (replaced functions, changed data, callbacks) with the `object` crate.
-//! - `link`: placing sections in the VMM-reserved patch region and applying relocations
-//!   (R_X86_64_PC32/PLT32/32S/64) against guest kernel symbols.
+//! - `module`: parsing a patch module (ELF relocatable `.ko`) and its `.lucos.*` records
+//!   (replaced functions, data rules, callbacks) with the `object` crate.
+//! - `link`: placing sections in the VMM-reserved patch region (`alloc`) and applying
+//!   relocations against guest kernel symbols.
 //! - `runpre`: the Ksplice-style check that each old function starts with the bytes the
 //!   patch expects, decoded with iced-x86 (whole instructions only).
-//! - `apply`: pause all vCPUs, check no RIP is inside the bytes to overwrite, write
-//!   `jmp rel32`, resume; pause time measured.
-//! - `protect`: data patches via read-only memslots and state-transfer callbacks on write
-//!   faults.
-//! - `stack`: stack inspection over every guest task and vCPU to decide commit.
-//! - `rollback`: the reverse transition.
-//! - `service`: the request loop tying these together (`lucosctl apply|list|status|rollback`).
+//! - `manager`: apply (stop the world, write `jmp rel32`, carry data over and write-protect
+//!   it), callbacks, stack inspection for commit, rollback and cancel.
+//! - `guest`: what the server needs from the VMM (memory, pausing, tasks, write
+//!   protection, guest calls), as a trait.
+//! - `service`: the request loop (`lucosctl apply|list|status|rollback|cancel`) and the
+//!   periodic re-checks of transitions.
 
 pub mod alloc;
 pub mod guest;

@@ -15,6 +15,9 @@
 //! - [`console`]: the host terminal side of the serial console.
 //! - [`pvm`], [`quirks`]: running on PVM and other software-assisted KVMs.
 //! - [`protect`]: write protection of guest pages through read-only memslots.
+//! - [`guestcall`]: running a guest kernel function (a patch callback) on a vCPU at a safe
+//!   point, in a private environment, and restoring the vCPU.
+//! - [`update`]: the update server's view of the VM (its `Guest` trait) and its start-up.
 //! - [`microvm`]: a ten-instruction guest for fast tests and benchmarks on the real KVM.
 //! - [`vm`]: puts it all together and runs the guest until it stops.
 
