@@ -11,16 +11,14 @@ use thiserror::Error;
 ///   resets at once (the VMM reports it as a crash, having seen the panic line).
 /// - `tsc=reliable no_timer_check`: skip clocksource watchdog and timer checks that are slow
 ///   and flaky when VM exits are expensive.
-/// - `noxsave clearcpuid=141,151,288,306,308,158,534,145,298`: keep the guest off instructions
-///   that a software-assisted KVM's emulator cannot execute (XSAVE/XRSTOR, CMPXCHG16B=141,
-///   POPCNT=151, FSGSBASE=288, RDSEED=306, SMAP's CLAC/STAC=308, RDRAND=158, RDPID=534), and
-///   off PCID=145/INVPCID=298, whose TLB tagging PVM's shadow paging gets wrong under SMP (a
-///   fresh process now and then saw stale user mappings).
+/// - `noxsave clearcpuid=141,151,288,306,308,158,534`: keep the guest off instructions that a
+///   software-assisted KVM's emulator cannot execute (XSAVE/XRSTOR, CMPXCHG16B=141,
+///   POPCNT=151, FSGSBASE=288, RDSEED=306, SMAP's CLAC/STAC=308, RDRAND=158, RDPID=534).
 ///   Such a KVM may not apply KVM_SET_CPUID2 to what the guest sees, so hiding them in CPUID
 ///   (which lucos-vmm also does) is not enough there. On hardware KVM these only forgo
 ///   optimizations; clearcpuid taints the kernel (TAINT_CPU_OUT_OF_SPEC), which is harmless.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable \
-     noxsave clearcpuid=141,151,288,306,308,158,534,145,298";
+     noxsave clearcpuid=141,151,288,306,308,158,534";
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {

@@ -51,9 +51,7 @@ fn boots_to_userspace_with_one_vcpu() {
         words.contains(&"fpu") && words.contains(&"sse2") && words.contains(&"fxsr"),
         "{flags}"
     );
-    for hidden in [
-        "cx16", "xsave", "avx", "avx2", "popcnt", "smap", "fsgsbase", "pcid", "invpcid",
-    ] {
+    for hidden in ["cx16", "xsave", "avx", "avx2", "popcnt", "smap", "fsgsbase"] {
         assert!(!words.contains(&hidden), "{hidden} visible: {flags}");
     }
 }
