@@ -161,7 +161,7 @@ fn run(args: Vec<String>) -> Result<(), String> {
         }
         "list" => {
             let r = call(connect(&target)?.as_mut(), Op::List, None, &[])?;
-            if r.patches.is_empty() && r.message.is_empty() {
+            if r.patches.is_empty() {
                 println!("no patches");
             }
             print_patches(&r, false);
