@@ -113,16 +113,21 @@ impl DataRule {
     }
 }
 
-/// Parses the `.lucos.data` section contents.
-pub fn parse_data_rules(d: &[u8]) -> Result<Vec<DataRule>, ModuleError> {
-    if !d.len().is_multiple_of(DATA_RECORD) {
+/// The fixed-size records of section `section`, or an error if its size is not a multiple.
+fn records<'a>(d: &'a [u8], section: &str, record: usize) -> Result<std::slice::Chunks<'a, u8>, ModuleError> {
+    if !d.len().is_multiple_of(record) {
         return Err(ModuleError::BadRecords {
-            section: ".lucos.data".into(),
+            section: section.into(),
             size: d.len() as u64,
-            record: DATA_RECORD,
+            record,
         });
     }
-    d.chunks(DATA_RECORD)
+    Ok(d.chunks(record))
+}
+
+/// Parses the `.lucos.data` section contents.
+pub fn parse_data_rules(d: &[u8]) -> Result<Vec<DataRule>, ModuleError> {
+    records(d, ".lucos.data", DATA_RECORD)?
         .map(|rec| {
             let name = cstr(&rec[..NAME_MAX])?;
             let word = |i: usize| u64::from_le_bytes(rec[i..i + 8].try_into().unwrap_or([0; 8]));
@@ -172,14 +177,7 @@ pub struct Callback {
 
 /// A callback record before its entry is looked up: (kind, name, entry, limit).
 pub fn parse_callback_records(d: &[u8]) -> Result<Vec<(CallbackKind, String, String, Duration)>, ModuleError> {
-    if !d.len().is_multiple_of(CALLBACK_RECORD) {
-        return Err(ModuleError::BadRecords {
-            section: ".lucos.callback".into(),
-            size: d.len() as u64,
-            record: CALLBACK_RECORD,
-        });
-    }
-    d.chunks(CALLBACK_RECORD)
+    records(d, ".lucos.callback", CALLBACK_RECORD)?
         .map(|rec| {
             let word = |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap_or([0; 4]));
             let name = cstr(&rec[8..8 + NAME_MAX])?;
@@ -411,13 +409,7 @@ impl PatchModule {
         if d.is_empty() {
             return Err(ModuleError::NoReplacements);
         }
-        if d.len() % REPLACE_RECORD != 0 {
-            return Err(ModuleError::BadRecords {
-                section: ".lucos.replace".into(),
-                size: d.len() as u64,
-                record: REPLACE_RECORD,
-            });
-        }
+        let replace_records = records(d, ".lucos.replace", REPLACE_RECORD)?;
         // A function defined in the module's loaded code.
         let code_symbol = |name: &str| -> Option<(usize, u64)> {
             let sym = file
@@ -429,7 +421,7 @@ impl PatchModule {
             }
         };
         let mut replaces = Vec::new();
-        for rec in d.chunks(REPLACE_RECORD) {
+        for rec in replace_records {
             let old_name = cstr(&rec[..NAME_MAX])?;
             let new_name = cstr(&rec[NAME_MAX..2 * NAME_MAX])?;
             let (load_idx, offset) =
