@@ -12,12 +12,15 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const MARKER: &str = "lucos-init: userspace up";
-/// Both VMMs boot with lucos-vmm's default command line (it keeps the guest off
-/// instructions a software-assisted KVM cannot emulate) plus this.
+/// Both VMMs boot with lucos-vmm's default command line for this host (on a
+/// software-assisted KVM it keeps the guest off instructions the emulator lacks) plus this.
 const EXTRA_CMDLINE: &str = "lucos.run=true";
 
 fn cmdline() -> String {
-    format!("{} {EXTRA_CMDLINE}", lucos_vmm::config::DEFAULT_CMDLINE)
+    format!(
+        "{} {EXTRA_CMDLINE}",
+        lucos_vmm::host::CpuPolicy::detect().default_cmdline()
+    )
 }
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
 

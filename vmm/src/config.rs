@@ -4,21 +4,7 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
-/// Default kernel command line.
-///
-/// - `console=ttyS0`: the 8250 console; `8250.nr_uarts=1 pci=off`: skip absent hardware.
-/// - `reboot=k`: reboot through the i8042 reset line the VMM watches; `panic=1`: a panic
-///   resets at once (the VMM reports it as a crash, having seen the panic line).
-/// - `tsc=reliable no_timer_check`: skip clocksource watchdog and timer checks that are slow
-///   and flaky when VM exits are expensive.
-/// - `noxsave clearcpuid=141,151,288,306,308,158,534`: keep the guest off instructions that a
-///   software-assisted KVM's emulator cannot execute (XSAVE/XRSTOR, CMPXCHG16B=141,
-///   POPCNT=151, FSGSBASE=288, RDSEED=306, SMAP's CLAC/STAC=308, RDRAND=158, RDPID=534).
-///   Such a KVM may not apply KVM_SET_CPUID2 to what the guest sees, so hiding them in CPUID
-///   (which lucos-vmm also does) is not enough there. On hardware KVM these only forgo
-///   optimizations; clearcpuid taints the kernel (TAINT_CPU_OUT_OF_SPEC), which is harmless.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off 8250.nr_uarts=1 no_timer_check tsc=reliable \
-     noxsave clearcpuid=141,151,288,306,308,158,534";
+use crate::host::CpuPolicy;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -51,6 +37,19 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// The guest's vsock CID; `None` leaves out the virtio-vsock device.
     pub vsock_cid: Option<u64>,
+    /// The CPU model for this host's KVM ([`CpuPolicy::detect`]).
+    pub cpu: CpuPolicy,
+}
+
+impl VmConfig {
+    /// The kernel command line the guest boots with: [`VmConfig::cmdline`] plus the words
+    /// that announce the devices lucos-vmm attaches.
+    pub fn kernel_cmdline(&self) -> String {
+        match self.vsock_cid {
+            Some(_) => format!("{} {}", self.cmdline, crate::vm::vsock_cmdline()),
+            None => self.cmdline.clone(),
+        }
+    }
 }
 
 /// Default guest CID (the first one that is not reserved: 0 hypervisor, 1 local, 2 host).
@@ -124,6 +123,7 @@ mod tests {
             mem_bytes: 512 << 20,
             vcpus: 2,
             vsock_cid: Some(3),
+            cpu: CpuPolicy::for_host(crate::host::HostKvm::KvmAmd),
         };
         assert!(c.validate().is_ok());
         c.vsock_cid = Some(2);

@@ -13,6 +13,8 @@
 //! - [`vcpu`]: vCPU threads, their run loop and kicking them out of KVM_RUN.
 //! - [`fault`]: decoding and reporting guest exits the VMM cannot handle.
 //! - [`console`]: the host terminal side of the serial console.
+//! - [`host`]: what the host's KVM is, and the guest CPU model (CPUID, command line,
+//!   workarounds) lucos-vmm picks for it.
 //! - [`pvm`], [`quirks`]: running on PVM and other software-assisted KVMs.
 //! - [`protect`]: write protection of guest pages through read-only memslots.
 //! - [`guestcall`]: running a guest kernel function (a patch callback) on a vCPU at a safe
@@ -27,6 +29,7 @@ pub mod console;
 pub mod devices;
 pub mod fault;
 pub mod guestcall;
+pub mod host;
 pub mod introspect;
 pub mod layout;
 pub mod memory;

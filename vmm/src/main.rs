@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use lucos_vmm::config::{parse_mem_size, DEFAULT_CMDLINE, DEFAULT_VSOCK_CID};
+use lucos_vmm::config::{parse_mem_size, DEFAULT_VSOCK_CID};
+use lucos_vmm::host::{CpuPolicy, CpuReport};
 use lucos_vmm::vm::RunOptions;
 use lucos_vmm::{Vm, VmConfig};
 
@@ -36,14 +37,15 @@ enum Cmd {
 #[derive(clap::Args)]
 struct RunArgs {
     /// Uncompressed kernel ELF (vmlinux), e.g. images/out/vmlinux.
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required_unless_present = "print_config")]
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio, optionally compressed if the kernel supports it).
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
-    /// Kernel command line (replaces the default).
-    #[arg(long, value_name = "STR", default_value = DEFAULT_CMDLINE)]
-    cmdline: String,
+    /// Kernel command line (replaces the default, which depends on the host's KVM: see
+    /// --print-config).
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
     /// Extra arguments appended to the kernel command line.
     #[arg(long, value_name = "STR")]
     append: Option<String>,
@@ -79,12 +81,20 @@ struct RunArgs {
     /// With --profile: also record up to N callers per sample (heuristic stack scan).
     #[arg(long, value_name = "N", default_value_t = 0)]
     profile_depth: usize,
+    /// Print what this host's KVM is, the guest CPU model chosen for it (workarounds, CPU
+    /// features KVM offers and the guest gets) and the kernel command line; do not boot.
+    #[arg(long)]
+    print_config: bool,
+    /// With --print-config: print JSON.
+    #[arg(long, requires = "print_config")]
+    json: bool,
 }
 
 fn run(args: RunArgs) -> Result<i32, String> {
     let started = Instant::now();
     let mem_bytes = parse_mem_size(&args.mem).map_err(|e| e.to_string())?;
-    let mut cmdline = args.cmdline;
+    let cpu = CpuPolicy::detect();
+    let mut cmdline = args.cmdline.unwrap_or_else(|| cpu.default_cmdline());
     if let Some(a) = args.append {
         cmdline.push(' ');
         cmdline.push_str(&a);
@@ -94,13 +104,25 @@ fn run(args: RunArgs) -> Result<i32, String> {
         trusted.push(lucos_update_server::signing::load_verifying_key(k).map_err(|e| e.to_string())?);
     }
     let config = VmConfig {
-        kernel: args.kernel,
+        kernel: args.kernel.unwrap_or_default(),
         initrd: args.initrd,
         cmdline,
         mem_bytes,
         vcpus: args.vcpus,
         vsock_cid: (!args.no_vsock).then_some(args.vsock_cid),
+        cpu,
     };
+    if args.print_config {
+        config.validate().map_err(|e| e.to_string())?;
+        let report = CpuReport::new(cpu, config.kernel_cmdline(), config.vcpus)
+            .map_err(|e| format!("cannot read the CPUID KVM supports from /dev/kvm: {e}"))?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?);
+        } else {
+            print!("{}", report.to_text());
+        }
+        return Ok(0);
+    }
     let vm = Vm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
     if let Some(sock) = &args.api_sock {
         if trusted.is_empty() {

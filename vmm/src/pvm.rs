@@ -46,13 +46,6 @@ const RFLAGS_RF: i32 = 1 << 16;
 /// The high map is built from 2 MiB pages.
 const MAP_GRANULE: u64 = 2 << 20;
 
-/// True when the host's KVM is PVM in native mode.
-pub fn host_is_pvm_native() -> bool {
-    std::fs::read_to_string(PVM_NATIVE_PARAM)
-        .map(|s| s.trim() == "Y")
-        .unwrap_or(false)
-}
-
 #[derive(Debug, Error)]
 pub enum PvmError {
     #[error("kernel symbol '{0}' not found in the vmlinux (needed for the PVM syscall shim)")]

@@ -198,10 +198,7 @@ impl Vm {
             }
             None => None,
         };
-        let cmdline = match config.vsock_cid {
-            Some(_) => format!("{} {}", config.cmdline, vsock_cmdline()),
-            None => config.cmdline.clone(),
-        };
+        let cmdline = config.kernel_cmdline();
         let cmdline_len = loader::load_cmdline(&mem, &cmdline)?;
         let patch_gpa = crate::layout::patch_region_start(config.mem_bytes);
         let e820 = params::e820_map(config.mem_bytes, &[(patch_gpa, crate::layout::PATCH_REGION_SIZE)]);
@@ -255,8 +252,7 @@ impl Vm {
             None => None,
         };
 
-        let pvm_native = crate::pvm::host_is_pvm_native();
-        let quirks = if pvm_native {
+        let quirks = if config.cpu.pvm_quirks {
             let shim = match symbols.as_deref().map(|t| crate::pvm::SyscallShim::new(t, patch_gpa)) {
                 Some(Ok(s)) => Some(s),
                 Some(Err(e)) => {
@@ -298,8 +294,8 @@ impl Vm {
         for id in 0..config.vcpus {
             let fd = vm.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
             let mut entries = supported.as_slice().to_vec();
-            cpuid::filter(&mut entries, id, config.vcpus);
-            if pvm_native {
+            cpuid::filter(&mut entries, id, config.vcpus, config.cpu.hide_emulator_gaps);
+            if config.cpu.hide_pv_hypercalls {
                 cpuid::hide_pv_hypercalls(&mut entries);
             }
             let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {

@@ -10,8 +10,9 @@
 use iced_x86::code_asm::CodeAssembler;
 
 use kvm_ioctls::VcpuExit;
+use lucos_vmm::host::HostKvm;
 use lucos_vmm::microvm::{self, MicroVm, KCODE};
-use lucos_vmm::pvm::{assemble, host_is_pvm_native, ShimParams};
+use lucos_vmm::pvm::{assemble, ShimParams};
 use vm_memory::{Bytes, GuestAddress};
 
 const STUBS: u64 = 0x9000;
@@ -201,7 +202,7 @@ fn syscall_enters_the_kernel_with_the_shim() {
 #[test]
 fn bare_syscall_on_this_kvm() {
     let reports = run(false);
-    if host_is_pvm_native() {
+    if HostKvm::detect().is_pvm() {
         // The bug the shim exists for: RIP = LSTAR, still CPL 3, so the fetch faults.
         let g = build_guest();
         let pf = reports.last().unwrap();

@@ -1,8 +1,8 @@
-//! Guest CPUID: KVM_GET_SUPPORTED_CPUID, filtered to what a guest needs and what every
-//! KVM can run. Features whose instructions some KVMs cannot emulate are hidden:
-//! CMPXCHG16B (`lock cmpxchg16b` fails in the emulator of a software-assisted KVM) and the
-//! XSAVE family (`xrstor` likewise; the guest falls back to FXSAVE/FXRSTOR), with AVX and
-//! friends that depend on XSAVE. Topology leaves are rewritten per vCPU.
+//! Guest CPUID: KVM_GET_SUPPORTED_CPUID with the topology leaves rewritten per vCPU. On a
+//! host whose emulator cannot run them ([`crate::host::CpuPolicy::hide_emulator_gaps`]:
+//! PVM), CMPXCHG16B (`lock cmpxchg16b`) and the XSAVE family (`xrstor`; the guest falls back
+//! to FXSAVE/FXRSTOR) are hidden too, with AVX and friends that depend on XSAVE. On hardware
+//! KVM the guest gets every feature KVM offers.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -26,14 +26,17 @@ const EDX7_AVX_MASK: u32 = (1 << 2) | (1 << 3) | (1 << 22) | (1 << 24) | (1 << 2
 // Leaf 7.1 EAX: AVX-VNNI, AVX512_BF16.
 const EAX71_AVX_MASK: u32 = (1 << 4) | (1 << 5);
 
-/// Rewrites `entries` (from KVM_GET_SUPPORTED_CPUID) for vCPU `cpu` of `vcpus`.
-pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8) {
+/// Rewrites `entries` (from KVM_GET_SUPPORTED_CPUID) for vCPU `cpu` of `vcpus`; with
+/// `hide_emulator_gaps`, also hides CMPXCHG16B and the XSAVE family.
+pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8, hide_emulator_gaps: bool) {
     // Bits needed to number `vcpus` logical processors.
     let core_shift = (vcpus as u32).next_power_of_two().trailing_zeros();
     for e in entries.iter_mut() {
         match (e.function, e.index) {
             (1, _) => {
-                e.ecx &= !(ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_F16C | ECX_FMA);
+                if hide_emulator_gaps {
+                    e.ecx &= !(ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX | ECX_F16C | ECX_FMA);
+                }
                 e.ecx |= ECX_HYPERVISOR;
                 // EBX: APIC id (31:24), logical processor count (23:16), CLFLUSH size (15:8).
                 e.ebx = ((cpu as u32) << 24) | ((vcpus as u32) << 16) | (8 << 8);
@@ -52,12 +55,12 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8) {
                     e.eax |= (vcpus as u32 - 1) << 14;
                 }
             }
-            (7, 0) => {
+            (7, 0) if hide_emulator_gaps => {
                 e.ebx &= !EBX7_AVX_MASK;
                 e.ecx &= !ECX7_AVX_MASK;
                 e.edx &= !EDX7_AVX_MASK;
             }
-            (7, 1) => e.eax &= !EAX71_AVX_MASK,
+            (7, 1) if hide_emulator_gaps => e.eax &= !EAX71_AVX_MASK,
             (0xb, idx) => {
                 // Extended topology: one thread per core, `vcpus` cores per package.
                 e.edx = cpu as u32;
@@ -79,7 +82,7 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8) {
                     }
                 }
             }
-            (0xd, _) => {
+            (0xd, _) if hide_emulator_gaps => {
                 // No XSAVE: no XSAVE state components.
                 e.eax = 0;
                 e.ebx = 0;
@@ -88,6 +91,77 @@ pub fn filter(entries: &mut [kvm_cpuid_entry2], cpu: u8, vcpus: u8) {
             }
             _ => {}
         }
+    }
+}
+
+/// A CPU feature as `/proc/cpuinfo` names it, and where CPUID reports it.
+#[derive(Debug, Clone, Copy)]
+pub struct Feature {
+    /// The flag in `/proc/cpuinfo`.
+    pub name: &'static str,
+    leaf: u32,
+    subleaf: u32,
+    reg: Reg,
+    bit: u8,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Reg {
+    Ebx,
+    Ecx,
+}
+
+const fn feature(name: &'static str, leaf: u32, subleaf: u32, reg: Reg, bit: u8) -> Feature {
+    Feature {
+        name,
+        leaf,
+        subleaf,
+        reg,
+        bit,
+    }
+}
+
+/// The features `lucos-vmm run --print-config` reports: those a host workaround may hide,
+/// and the security features a patched guest relies on.
+pub const REPORTED_FEATURES: &[Feature] = &[
+    feature("cx16", 1, 0, Reg::Ecx, 13),
+    feature("popcnt", 1, 0, Reg::Ecx, 23),
+    feature("xsave", 1, 0, Reg::Ecx, 26),
+    feature("avx", 1, 0, Reg::Ecx, 28),
+    feature("rdrand", 1, 0, Reg::Ecx, 30),
+    feature("fsgsbase", 7, 0, Reg::Ebx, 0),
+    feature("avx2", 7, 0, Reg::Ebx, 5),
+    feature("smep", 7, 0, Reg::Ebx, 7),
+    feature("avx512f", 7, 0, Reg::Ebx, 16),
+    feature("rdseed", 7, 0, Reg::Ebx, 18),
+    feature("smap", 7, 0, Reg::Ebx, 20),
+    feature("rdpid", 7, 0, Reg::Ecx, 22),
+];
+
+impl Feature {
+    /// Linux's `X86_FEATURE_*` number (word * 32 + bit), as `clearcpuid=` takes it.
+    pub fn linux_number(&self) -> u32 {
+        let word = match (self.leaf, self.subleaf, self.reg) {
+            (1, _, Reg::Ecx) => 4,
+            (7, 0, Reg::Ebx) => 9,
+            (7, 0, Reg::Ecx) => 16,
+            _ => unreachable!("REPORTED_FEATURES uses only these registers"),
+        };
+        word * 32 + self.bit as u32
+    }
+
+    /// True when `entries` report this feature.
+    pub fn present(&self, entries: &[kvm_cpuid_entry2]) -> bool {
+        entries
+            .iter()
+            .find(|e| e.function == self.leaf && e.index == self.subleaf)
+            .is_some_and(|e| {
+                let r = match self.reg {
+                    Reg::Ebx => e.ebx,
+                    Reg::Ecx => e.ecx,
+                };
+                r & (1 << self.bit) != 0
+            })
     }
 }
 
@@ -141,7 +215,8 @@ mod tests {
             entry(0xb, 1, 4, 16, 0x201, 7),
             entry(0xd, 0, 7, 0x340, 0x340, 0),
         ];
-        filter(&mut e, 1, 2);
+        let kvm_offers = e.clone();
+        filter(&mut e, 1, 2, true);
         assert_eq!(e[0].ecx & (ECX_CX16 | ECX_XSAVE | ECX_OSXSAVE | ECX_AVX), 0);
         assert_ne!(e[0].ecx & ECX_HYPERVISOR, 0);
         assert_eq!(e[0].ebx >> 24, 1, "APIC id");
@@ -151,6 +226,16 @@ mod tests {
         assert_eq!((e[2].edx, e[2].ebx), (1, 1));
         assert_eq!((e[3].eax, e[3].ebx, e[3].edx), (1, 2, 1));
         assert_eq!((e[4].eax, e[4].ebx), (0, 0));
+
+        // Without the emulator gaps, everything KVM offers stays; topology is the same.
+        let mut h = kvm_offers.clone();
+        filter(&mut h, 1, 2, false);
+        for f in REPORTED_FEATURES {
+            assert_eq!(f.present(&h), f.present(&kvm_offers), "{}", f.name);
+        }
+        assert!(REPORTED_FEATURES.iter().all(|f| f.present(&h)));
+        assert_eq!(h[0].ebx >> 24, 1, "APIC id");
+        assert_eq!((h[4].eax, h[4].ebx), (7, 0x340), "XSAVE leaf kept");
     }
 
     #[test]

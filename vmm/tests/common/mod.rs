@@ -42,6 +42,21 @@ pub fn vmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lucos-vmm"))
 }
 
+/// `lucos-vmm run --print-config --json` on this host: its KVM, the guest CPU model and
+/// the default command line.
+pub fn print_config() -> serde_json::Value {
+    let out = vmm()
+        .args(["run", "--print-config", "--json"])
+        .output()
+        .expect("spawn lucos-vmm");
+    assert!(
+        out.status.success(),
+        "--print-config: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("--print-config --json prints JSON")
+}
+
 /// Result of one boot.
 pub struct Boot {
     pub code: Option<i32>,
