@@ -74,4 +74,7 @@ pub trait Guest: Send + Sync {
     fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError>;
     /// Guest pages that are write-protected right now (read-only memslots in KVM).
     fn readonly_pages(&self) -> u64;
+    /// The running kernel's CPU capability words (`boot_cpu_data.x86_capability`): what it
+    /// patched its own alternatives by.
+    fn cpu_caps(&self) -> Result<Vec<u32>, GuestError>;
 }

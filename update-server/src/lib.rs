@@ -9,6 +9,8 @@
 //!   (replaced functions, data rules, callbacks) with the `object` crate.
 //! - `link`: placing sections in the VMM-reserved patch region (`alloc`) and applying
 //!   relocations against guest kernel symbols.
+//! - `alternatives`: the module's `ALTERNATIVE()` sites patched for the running kernel's
+//!   CPU capabilities, as the kernel patched its own.
 //! - `runpre`: the Ksplice-style check that each old function starts with the bytes the
 //!   patch expects, decoded with iced-x86 (whole instructions only).
 //! - `manager`: apply (stop the world, write `jmp rel32`, carry data over and write-protect
@@ -19,6 +21,7 @@
 //!   periodic re-checks of transitions.
 
 pub mod alloc;
+pub mod alternatives;
 pub mod guest;
 pub mod link;
 pub mod manager;

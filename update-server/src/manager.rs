@@ -17,6 +17,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::alloc::RegionAllocator;
+use crate::alternatives::{self, AltError};
 use crate::guest::{Guest, GuestError, VcpuState, WriteRule};
 use crate::link::{self, LinkError};
 use crate::module::{CallbackKind, DataRule, ModuleError, PatchModule};
@@ -31,6 +32,8 @@ pub enum ApplyError {
     Module(#[from] ModuleError),
     #[error("linking failed: {0}")]
     Link(#[from] LinkError),
+    #[error("alternatives: {0}")]
+    Alternatives(#[from] AltError),
     #[error("function '{0}' not found in the guest kernel's symbol table")]
     NoOldFunction(String),
     #[error("function '{name}' is {size} bytes, too small for a {JMP_LEN}-byte jump")]
@@ -417,7 +420,16 @@ impl Manager {
         t0: Instant,
     ) -> Result<u32, ApplyError> {
         let resolve = |name: &str| g.symbol(name).map(|(a, _)| a);
-        let linked = link::link(m, base, &resolve)?;
+        let mut linked = link::link(m, base, &resolve)?;
+        let caps = g.cpu_caps()?;
+        let alts = alternatives::apply(m, &mut linked, &caps)?;
+        if alts.records > 0 {
+            log::info!(
+                "alternatives: {} of {} sites patched for the guest's CPU",
+                alts.patched,
+                alts.records
+            );
+        }
         let mut funcs = Vec::new();
         for (r, &(old_addr, old_size)) in m.replaces.iter().zip(olds) {
             let mut head = [0u8; 16];
@@ -961,6 +973,9 @@ mod tests {
         }
         fn readonly_pages(&self) -> u64 {
             self.rules.lock().unwrap().len() as u64
+        }
+        fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
+            Ok(vec![0; 24])
         }
         fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
             let mut r = self.rules.lock().unwrap();

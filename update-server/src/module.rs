@@ -234,7 +234,6 @@ fn skipped(name: &str) -> bool {
         "__ksymtab",
         "__kcrctab",
         ".discard",
-        ".altinstr_aux",
         ".smp_locks",
         ".eh_frame",
     ];
@@ -285,9 +284,9 @@ impl PatchModule {
                 }
                 continue;
             }
-            if name == "__jump_table" || name == ".altinstructions" || name == ".altinstr_replacement" {
+            if name == "__jump_table" {
                 warnings.push(format!(
-                    "section {name} is not applied: static keys/alternatives in patch code keep their build-time default"
+                    "section {name} is not applied: static keys in patch code keep their build-time default"
                 ));
                 continue;
             }

@@ -228,6 +228,10 @@ impl Guest for VmGuest {
         self.kernel.virt(self.handle.memory()).read(va, buf).map_err(gerr)
     }
 
+    fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
+        self.kernel.cpu_caps(self.handle.memory()).map_err(gerr)
+    }
+
     fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError> {
         self.ensure_verified()?;
         if va >= self.region_va && va < self.region_va + PATCH_REGION_SIZE {

@@ -23,6 +23,8 @@ pub enum BtfError {
     NoMember { strukt: String, member: String },
     #[error("BTF member '{0}' is a bitfield or not byte aligned")]
     Bitfield(String),
+    #[error("BTF member '{0}' is not an array")]
+    NotArray(String),
 }
 
 /// The kernel's BTF.
@@ -105,8 +107,8 @@ impl KernelBtf {
         None
     }
 
-    /// Byte offset of a member path like `thread.sp` inside `struct strukt`.
-    pub fn offset_of(&self, strukt: &str, path: &str) -> Result<u64, BtfError> {
+    /// Bit offset and type of a member path like `thread.sp` inside `struct strukt`.
+    fn member(&self, strukt: &str, path: &str) -> Result<(u64, Type), BtfError> {
         let mut cur = self.strukt(strukt)?;
         let mut cur_name = strukt.to_string();
         let mut bits = 0u64;
@@ -117,25 +119,43 @@ impl KernelBtf {
                 member: part.to_string(),
             })?;
             bits += off as u64;
-            if i + 1 < parts.len() {
-                match self.strip(ty) {
-                    Type::Struct(s) | Type::Union(s) => {
-                        cur_name = self.btf.resolve_name(&s).unwrap_or_default();
-                        cur = s;
-                    }
-                    _ => {
-                        return Err(BtfError::NoMember {
-                            strukt: part.to_string(),
-                            member: parts[i + 1].to_string(),
-                        })
-                    }
+            if i + 1 == parts.len() {
+                return Ok((bits, ty));
+            }
+            match self.strip(ty) {
+                Type::Struct(s) | Type::Union(s) => {
+                    cur_name = self.btf.resolve_name(&s).unwrap_or_default();
+                    cur = s;
+                }
+                _ => {
+                    return Err(BtfError::NoMember {
+                        strukt: part.to_string(),
+                        member: parts[i + 1].to_string(),
+                    })
                 }
             }
         }
+        Err(BtfError::NoMember {
+            strukt: strukt.into(),
+            member: path.into(),
+        })
+    }
+
+    /// Byte offset of a member path like `thread.sp` inside `struct strukt`.
+    pub fn offset_of(&self, strukt: &str, path: &str) -> Result<u64, BtfError> {
+        let (bits, _) = self.member(strukt, path)?;
         if !bits.is_multiple_of(8) {
             return Err(BtfError::Bitfield(path.into()));
         }
         Ok(bits / 8)
+    }
+
+    /// Number of elements of the array member `path` of `struct strukt`.
+    pub fn array_len(&self, strukt: &str, path: &str) -> Result<usize, BtfError> {
+        match self.member(strukt, path)?.1 {
+            Type::Array(a) => Ok(a.len()),
+            _ => Err(BtfError::NotArray(format!("{strukt}.{path}"))),
+        }
     }
 
     /// Size of `struct name`.

@@ -120,6 +120,21 @@ impl GuestKernel {
         }
         Ok(())
     }
+
+    /// The CPU capability words the running kernel decided on at boot
+    /// (`boot_cpu_data.x86_capability[]`, Linux's `X86_FEATURE_*` and `X86_BUG_*` bits, after
+    /// `clearcpuid=` and the kernel's own forced and cleared bits): what its alternatives
+    /// were patched by.
+    pub fn cpu_caps(&self, mem: &GuestMem) -> Result<Vec<u32>, KernelError> {
+        let addr = self.sym("boot_cpu_data")? + self.btf.offset_of("cpuinfo_x86", "x86_capability")?;
+        let words = self.btf.array_len("cpuinfo_x86", "x86_capability")?;
+        let mut buf = vec![0u8; words * 4];
+        self.virt(mem).read(addr, &mut buf)?;
+        Ok(buf
+            .chunks_exact(4)
+            .map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect())
+    }
 }
 
 const PTE_PRESENT: u64 = 1;
