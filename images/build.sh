@@ -8,6 +8,8 @@
 #   images/out/build/           kernel build tree (O=), use with `make -C ... M=`
 #   images/out/src/             kernel source tree
 #   images/out/initramfs.cpio   busybox initramfs (newc, uncompressed)
+#   images/out/lane-svm/        the SVM lane's L1 kernel + initramfs (images/lane/build-image.sh;
+#                               run commands there with images/lane.sh svm -- CMD)
 #
 # Cache: ${LUCOS_CACHE:-$HOME/.cache/lucos}/kernel-<hash>, keyed by the hash of the
 # config fragment, the build recipe, the kernel patches and the linux-source package
@@ -37,7 +39,7 @@ log() { printf '[images %(%H:%M:%S)T] %s\n' -1 "$*"; }
 t_start=$(date +%s)
 
 deps=(linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves cpio
-      busybox-static xz-utils python3 file)
+      busybox-static xz-utils python3 file qemu-system-x86 kmod)
 missing=()
 for p in "${deps[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -136,6 +138,15 @@ fi
 mkdir -p "$out"
 (cd "$stage" && find . -print0 | LC_ALL=C sort -z | cpio --null -o -H newc --owner=0:0 --quiet) > "$out/initramfs.cpio.tmp"
 mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
+
+"$here/lane/build-image.sh"
+
+# The patch modules in guest-patches/ (tests use them as built here when they are newer
+# than their sources).
+log "building guest-patches/ against the guest kernel"
+if ! make -s -C "$root/guest-patches" KDIR="$kdir/build" > "$stage/patches.log" 2>&1; then
+    cat "$stage/patches.log" >&2; echo "build.sh: building guest-patches/ failed" >&2; exit 1
+fi
 
 ln -sfn "$kdir/build/vmlinux" "$out/vmlinux"
 ln -sfn "$kdir/build" "$out/build"
