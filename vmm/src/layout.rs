@@ -48,7 +48,7 @@ pub const IOAPIC_PINS: u8 = 24;
 /// Legacy IRQ of the first serial port (COM1).
 pub const SERIAL_IRQ: u32 = 4;
 /// I/O port of COM1.
-pub const SERIAL_PORT: u16 = 0x3f8;
+pub const SERIAL_PORT: u64 = 0x3f8;
 /// Size of the virtio-mmio vsock device's register window (at [`DEVICE_MMIO_START`]).
 pub const VSOCK_MMIO_SIZE: u64 = 0x1000;
 /// IOAPIC pin of the virtio-mmio vsock device (free: the PIT has 0/2, COM1 4).

@@ -18,7 +18,7 @@ use log::{debug, warn};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::virtio::muxer::ListenerSlot;
-use crate::devices::{MmioBus, PioBus};
+use crate::devices::Bus;
 use crate::fault;
 use crate::guestcall::{self, CallArea, CallError, SafePoint, Step, PORT_EXCEPTION, PORT_RETURN};
 use crate::memory::GuestMem;
@@ -53,8 +53,8 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 /// State shared by all vCPU threads.
 pub struct VcpuShared {
     pub mem: GuestMem,
-    pub pio: PioBus,
-    pub mmio: MmioBus,
+    pub pio: Bus,
+    pub mmio: Bus,
     /// Where the vsock device looks for the host-side listener (None: no vsock device).
     pub vsock_listener: Option<ListenerSlot>,
     pub events: Sender<VmEvent>,
@@ -295,12 +295,12 @@ impl Vcpu {
         match self.fd.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
-                    shared.pio.read(port, data);
+                    shared.pio.read(port.into(), data);
                     Next::Continue
                 }
                 VcpuExit::IoOut(port, _) if port == PORT_RETURN || port == PORT_EXCEPTION => Next::CallPort(port),
                 VcpuExit::IoOut(port, data) => {
-                    shared.pio.write(port, data);
+                    shared.pio.write(port.into(), data);
                     Next::Continue
                 }
                 VcpuExit::MmioRead(addr, data) => {

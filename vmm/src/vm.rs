@@ -25,7 +25,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::muxer::{ListenerSlot, PortListener};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::Interrupt;
-use crate::devices::{MmioBus, PioBus};
+use crate::devices::{Bus, BusError};
 use crate::layout::{CMDLINE_START, DEVICE_MMIO_START, SERIAL_IRQ, SERIAL_PORT, VSOCK_IRQ, VSOCK_MMIO_SIZE};
 use crate::memory::{self, GuestMem};
 use crate::pause::{PauseControl, PauseError, Paused};
@@ -124,9 +124,7 @@ pub enum VmError {
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
     #[error("device setup: {0}")]
-    Device(#[from] crate::devices::bus::OverlapError),
-    #[error("device setup: {0}")]
-    MmioDevice(#[from] crate::devices::mmio_bus::MmioOverlapError),
+    Bus(#[from] BusError),
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -228,7 +226,7 @@ impl Vm {
             EventFdTrigger(serial_evt),
             ConsoleOut::new(console_out, events_tx.clone()),
         ))));
-        let mut pio = PioBus::new();
+        let mut pio = Bus::pio();
         pio.insert(SERIAL_PORT, 8, serial.clone())?;
         pio.insert(
             I8042_BASE,
@@ -236,7 +234,7 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
         )?;
 
-        let mut mmio = MmioBus::new();
+        let mut mmio = Bus::mmio();
         let vsock_listener = match config.vsock_cid {
             Some(cid) => {
                 let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;

@@ -3,14 +3,14 @@
 
 use std::sync::mpsc::Sender;
 
-use super::PioDevice;
+use super::BusDevice;
 use crate::vm::VmEvent;
 
 /// I/O base of the controller (data port 0x60, command/status port 0x64).
-pub const I8042_BASE: u16 = 0x60;
+pub const I8042_BASE: u64 = 0x60;
 /// Ports covered: 0x60..=0x64.
-pub const I8042_LEN: u16 = 5;
-const CMD_OFFSET: u16 = 4;
+pub const I8042_LEN: u64 = 5;
+const CMD_OFFSET: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
 pub struct I8042 {
@@ -23,13 +23,13 @@ impl I8042 {
     }
 }
 
-impl PioDevice for I8042 {
-    fn read(&mut self, _offset: u16, data: &mut [u8]) {
+impl BusDevice for I8042 {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status: output buffer empty, input buffer empty; data port: nothing.
         data.fill(0);
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == CMD_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
             let _ = self.events.send(VmEvent::Reset("i8042 reset".into()));
         }

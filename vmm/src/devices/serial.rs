@@ -8,7 +8,7 @@ use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::PioDevice;
+use super::BusDevice;
 use crate::vm::VmEvent;
 
 /// Raises the serial interrupt by writing to an eventfd registered as an irqfd.
@@ -79,14 +79,14 @@ pub type SerialDevice = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 /// Port-I/O adapter for the vm-superio serial.
 pub struct SerialPort(pub SerialDevice);
 
-impl PioDevice for SerialPort {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
+impl BusDevice for SerialPort {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(b) = data.first_mut() {
             *b = self.0.read(offset as u8);
         }
     }
 
-    fn write(&mut self, offset: u16, data: &[u8]) {
+    fn write(&mut self, offset: u64, data: &[u8]) {
         if let Some(b) = data.first() {
             if let Err(e) = self.0.write(offset as u8, *b) {
                 log::warn!("serial write failed: {e:?}");

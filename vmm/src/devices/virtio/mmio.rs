@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use virtio_queue::{Queue, QueueT};
 
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
-use crate::devices::mmio_bus::MmioDevice;
+use crate::devices::BusDevice;
 use crate::memory::GuestMem;
 
 /// "virt" in little endian.
@@ -312,7 +312,7 @@ impl MmioTransport {
     }
 }
 
-impl MmioDevice for MmioTransport {
+impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= REG_CONFIG {
             self.device.read_config(offset - REG_CONFIG, data);

@@ -854,8 +854,8 @@ mod tests {
     /// by QueueNotify and by host stream readiness, interrupts, reset.
     #[test]
     fn through_the_mmio_transport_with_the_worker() {
-        use crate::devices::mmio_bus::MmioDevice;
         use crate::devices::virtio::mmio::*;
+        use crate::devices::BusDevice;
 
         let mut t = Harness::new(true);
         let slot: ListenerSlot = Arc::new(RwLock::new(Some(t.pairs.clone() as Arc<dyn PortListener>)));
