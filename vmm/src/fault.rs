@@ -7,6 +7,7 @@ use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, NasmFormatter};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::arch::x86_64::PAGE_SIZE;
 use crate::memory::GuestMem;
 use crate::symbols::SymbolTable;
 
@@ -32,7 +33,7 @@ pub fn read_guest_virt(vcpu: &VcpuFd, mem: &GuestMem, gva: u64, buf: &mut [u8]) 
         if t.valid == 0 {
             break;
         }
-        let in_page = (4096 - (va & 0xfff)) as usize;
+        let in_page = (PAGE_SIZE - (va & (PAGE_SIZE - 1))) as usize;
         let n = in_page.min(buf.len() - done);
         if mem
             .read_slice(&mut buf[done..done + n], GuestAddress(t.physical_address))

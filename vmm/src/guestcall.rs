@@ -29,13 +29,16 @@
 //! makes: kernel CS/SS from MSR_STAR and `swapgs`.
 
 use iced_x86::code_asm::{dx, edx, rax, rsp, CodeAssembler};
-use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_sregs, Msrs, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{kvm_mp_state, kvm_regs, kvm_sregs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::gdt::{gdt_entry, kvm_segment_from_gdt};
-use crate::boot::regs::{read_msrs, MSR_KERNEL_GS_BASE, MSR_STAR};
+use crate::arch::x86_64::gdt::{
+    gdt_entry, idt_gate, kvm_segment_from_gdt, FLAGS_KERNEL_CODE64, FLAGS_KERNEL_DATA, FLAT_LIMIT,
+};
+use crate::arch::x86_64::msr::{read_msrs, write_msr, MSR_KERNEL_GS_BASE, MSR_STAR};
+use crate::arch::x86_64::RFLAGS_IF;
 use crate::memory::GuestMem;
 
 /// The trampoline reports the callback's return (RAX) with an `out` here.
@@ -50,7 +53,6 @@ const CODE_OFF: u64 = 0x1000;
 const STACK_TOP_OFF: u64 = AREA_SIZE;
 const VECTORS: u64 = 256;
 const NMI_VECTOR: u64 = 2;
-const RFLAGS_IF: u64 = 1 << 9;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CallError {
@@ -196,7 +198,7 @@ impl CallArea {
         let (code, _, stubs) = self.assemble()?;
         let mut idt = vec![0u8; (VECTORS * 16) as usize];
         for (v, h) in stubs.iter().enumerate() {
-            idt[v * 16..v * 16 + 16].copy_from_slice(&gate(*h, self.kernel_cs));
+            idt[v * 16..v * 16 + 16].copy_from_slice(&idt_gate(*h, self.kernel_cs));
         }
         mem.write_slice(&idt, GuestAddress(self.gpa + IDT_OFF))
             .map_err(|_| CallError::Memory(self.gpa))?;
@@ -207,15 +209,6 @@ impl CallArea {
     fn entries(&self) -> Result<Entries, CallError> {
         Ok(self.assemble()?.1)
     }
-}
-
-/// A 64-bit interrupt gate (DPL 0, no IST) to `target`.
-pub fn gate(target: u64, cs: u16) -> [u8; 16] {
-    let lo = (target & 0xffff) | (u64::from(cs) << 16) | (0x8e00u64 << 32) | ((target >> 16) & 0xffff) << 48;
-    let mut g = [0u8; 16];
-    g[..8].copy_from_slice(&lo.to_le_bytes());
-    g[8..12].copy_from_slice(&((target >> 32) as u32).to_le_bytes());
-    g
 }
 
 /// The state of the vCPU before the call, restored afterwards.
@@ -293,11 +286,11 @@ pub fn enter(
         let [star, kgs] =
             read_msrs(vcpu, [MSR_STAR, MSR_KERNEL_GS_BASE]).ok_or_else(|| CallError::Kvm("reading MSR_STAR".into()))?;
         let cs = ((star >> 32) as u16) & !3;
-        s.cs = kvm_segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), (cs >> 3) as u8);
-        s.ss = kvm_segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), ((cs + 8) >> 3) as u8);
+        s.cs = kvm_segment_from_gdt(gdt_entry(FLAGS_KERNEL_CODE64, 0, FLAT_LIMIT), (cs >> 3) as u8);
+        s.ss = kvm_segment_from_gdt(gdt_entry(FLAGS_KERNEL_DATA, 0, FLAT_LIMIT), ((cs + 8) >> 3) as u8);
         // swapgs, as the kernel's entry code would do.
         s.gs.base = kgs;
-        write_msr(vcpu, MSR_KERNEL_GS_BASE, sregs.gs.base)?;
+        write_msr(vcpu, MSR_KERNEL_GS_BASE, sregs.gs.base).map_err(|e| CallError::Kvm(e.to_string()))?;
         kernel_gs = Some(kgs);
     }
     (s.idt.base, s.idt.limit) = (area.idt_va(), (VECTORS * 16 - 1) as u16);
@@ -325,20 +318,6 @@ pub fn enter(
         return Err(kvm_err(e));
     }
     Ok(saved)
-}
-
-fn write_msr(vcpu: &VcpuFd, index: u32, data: u64) -> Result<(), CallError> {
-    let m = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    }])
-    .map_err(|e| CallError::Kvm(format!("{e:?}")))?;
-    match vcpu.set_msrs(&m) {
-        Ok(1) => Ok(()),
-        Ok(_) => Err(CallError::Kvm(format!("MSR {index:#x} not written"))),
-        Err(e) => Err(kvm_err(e)),
-    }
 }
 
 /// What an `out` to a call port means.
@@ -392,7 +371,7 @@ pub fn leave(vcpu: &mut VcpuFd, saved: &Saved) -> Result<(), CallError> {
     vcpu.set_sregs(&saved.sregs).map_err(kvm_err)?;
     vcpu.set_regs(&saved.regs).map_err(kvm_err)?;
     if let Some(kgs) = saved.kernel_gs {
-        write_msr(vcpu, MSR_KERNEL_GS_BASE, kgs)?;
+        write_msr(vcpu, MSR_KERNEL_GS_BASE, kgs).map_err(|e| CallError::Kvm(e.to_string()))?;
     }
     // A vCPU taken from HLT resumes after it: the idle loop sees a spurious wake-up.
     vcpu.set_mp_state(kvm_mp_state {
@@ -435,15 +414,6 @@ mod tests {
         }
         let mut d = Decoder::with_ip(64, &code, a.va + CODE_OFF, DecoderOptions::NONE);
         assert_eq!(d.decode().mnemonic(), Mnemonic::Call);
-    }
-
-    #[test]
-    fn gates_are_interrupt_gates_to_the_stub() {
-        let g = gate(0xffff_ffff_9fe0_2345, 0x10);
-        assert_eq!(crate::pvm::gate_target(&g), 0xffff_ffff_9fe0_2345);
-        assert_eq!(u16::from_le_bytes([g[2], g[3]]), 0x10);
-        assert_eq!(g[5], 0x8e);
-        assert_eq!(g[4], 0, "no IST");
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   CMPXCHG16B, POPCNT, CLAC/STAC, RDRAND, … and it cannot intercept CPUID for the standard
 //!   leaves, so those features are hidden in CPUID *and* turned off on the kernel command
 //!   line (`noxsave clearcpuid=…`); the PV features that need hypercalls are hidden
-//!   ([`crate::boot::cpuid::hide_pv_hypercalls`]); the SYSCALL shim and the emulation
+//!   ([`crate::arch::x86_64::cpuid::hide_pv_hypercalls`]); the SYSCALL shim and the emulation
 //!   fallbacks run ([`crate::pvm`], [`crate::quirks`]).
 //!
 //! `lucos-vmm run --print-config` shows the decision without booting.
@@ -21,7 +21,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::boot::cpuid;
+use crate::arch::x86_64::cpuid;
 use crate::pvm::PVM_NATIVE_PARAM;
 
 /// The host's KVM, as far as lucos-vmm's CPU model cares.
@@ -163,7 +163,7 @@ pub struct CpuReport {
     pub policy: CpuPolicy,
     /// The guest's full kernel command line.
     pub cmdline: String,
-    /// [`crate::boot::cpuid::REPORTED_FEATURES`], offered and given.
+    /// [`crate::arch::x86_64::cpuid::REPORTED_FEATURES`], offered and given.
     pub features: Vec<FeatureReport>,
 }
 

@@ -6,8 +6,9 @@
 //! - [`config`]: the VM's configuration (memory size, vCPUs, kernel, initrd, cmdline).
 //! - [`layout`]: the guest-physical memory map.
 //! - [`memory`]: guest RAM allocation and KVM memslots.
-//! - [`boot`]: everything written into the guest before the first instruction:
-//!   kernel + initrd loading, boot_params/e820, GDT, page tables, MP table, CPUID, registers.
+//! - [`arch`]: x86-64 knowledge in one place: register bits, MSRs, GDT and IDT gates, page
+//!   tables, CPUID, boot_params/e820, MP table, boot registers, exception injection.
+//! - [`loader`]: loading the kernel ELF, the initramfs and the command line.
 //! - [`devices`]: port-I/O devices (8250 serial, i8042 reset) and the virtio-mmio vsock
 //!   device, with the port-I/O and MMIO buses.
 //! - [`vcpu`]: vCPU threads, their run loop and kicking them out of KVM_RUN.
@@ -23,7 +24,7 @@
 //! - [`microvm`]: a ten-instruction guest for fast tests and benchmarks on the real KVM.
 //! - [`vm`]: puts it all together and runs the guest until it stops.
 
-pub mod boot;
+pub mod arch;
 pub mod config;
 pub mod console;
 pub mod devices;
@@ -32,6 +33,7 @@ pub mod guestcall;
 pub mod host;
 pub mod introspect;
 pub mod layout;
+pub mod loader;
 pub mod memory;
 pub mod microvm;
 pub mod pause;

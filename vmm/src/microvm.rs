@@ -6,7 +6,11 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::boot::gdt::{gdt_entry, kvm_segment_from_gdt};
+use crate::arch::x86_64::gdt::{
+    gdt_entry, idt_gate, kvm_segment_from_gdt, FLAGS_KERNEL_CODE64, FLAGS_KERNEL_DATA, FLAGS_USER_CODE32,
+    FLAGS_USER_CODE64, FLAGS_USER_DATA, FLAT_LIMIT, KERNEL_CS,
+};
+use crate::arch::x86_64::paging::{PTE_PRESENT, PTE_USER, PTE_WRITABLE};
 use crate::memory::{create_guest_memory, register_memslots, GuestMem};
 use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
@@ -31,12 +35,20 @@ pub fn put(m: &mut [u8], at: u64, bytes: &[u8]) {
 pub fn image(user: Range<u64>, handlers: &[u64]) -> Vec<u8> {
     let mut m = vec![0u8; MEM];
     for (i, next) in [(0u64, 0x2000u64), (1, 0x3000), (2, 0x4000)] {
-        put(&mut m, PT + i * 0x1000, &(next | 7).to_le_bytes());
+        put(
+            &mut m,
+            PT + i * 0x1000,
+            &(next | PTE_PRESENT | PTE_WRITABLE | PTE_USER).to_le_bytes(),
+        );
     }
     for i in 0..512u64 {
         let a = i << 12;
-        let u = if user.contains(&a) { 4 } else { 0 };
-        put(&mut m, 0x4000 + 8 * i, &(a | 3 | u).to_le_bytes());
+        let u = if user.contains(&a) { PTE_USER } else { 0 };
+        put(
+            &mut m,
+            0x4000 + 8 * i,
+            &(a | PTE_PRESENT | PTE_WRITABLE | u).to_le_bytes(),
+        );
     }
     let gdt = linux_gdt();
     for (i, d) in gdt.iter().enumerate() {
@@ -46,7 +58,7 @@ pub fn image(user: Range<u64>, handlers: &[u64]) -> Vec<u8> {
     put(&mut m, GDT + 0x40, &tss_lo.to_le_bytes());
     put(&mut m, TSS + 4, &KSTACK.to_le_bytes());
     for (v, h) in handlers.iter().enumerate() {
-        put(&mut m, IDT + 16 * v as u64, &crate::guestcall::gate(*h, 0x10));
+        put(&mut m, IDT + 16 * v as u64, &idt_gate(*h, KERNEL_CS));
     }
     m
 }
@@ -57,11 +69,11 @@ fn linux_gdt() -> [u64; 7] {
     [
         0,
         0,
-        gdt_entry(0xa09b, 0, 0xfffff),
-        gdt_entry(0xc093, 0, 0xfffff),
-        gdt_entry(0xc0fb, 0, 0xfffff),
-        gdt_entry(0xc0f3, 0, 0xfffff),
-        gdt_entry(0xa0fb, 0, 0xfffff),
+        gdt_entry(FLAGS_KERNEL_CODE64, 0, FLAT_LIMIT),
+        gdt_entry(FLAGS_KERNEL_DATA, 0, FLAT_LIMIT),
+        gdt_entry(FLAGS_USER_CODE32, 0, FLAT_LIMIT),
+        gdt_entry(FLAGS_USER_DATA, 0, FLAT_LIMIT),
+        gdt_entry(FLAGS_USER_CODE64, 0, FLAT_LIMIT),
     ]
 }
 

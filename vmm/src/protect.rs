@@ -19,10 +19,8 @@ use log::debug;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::arch::x86_64::PAGE_SIZE;
 use crate::memory::GuestMem;
-
-/// Protection granule.
-pub const PAGE: u64 = 4096;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtectError {
@@ -91,9 +89,9 @@ pub fn page_span(start: u64, len: u64) -> Result<(u64, u64), ProtectError> {
     }
     let end = start
         .checked_add(len)
-        .and_then(|e| e.checked_add(PAGE - 1))
+        .and_then(|e| e.checked_add(PAGE_SIZE - 1))
         .ok_or(ProtectError::Empty { start, len })?;
-    Ok((start & !(PAGE - 1), end & !(PAGE - 1)))
+    Ok((start & !(PAGE_SIZE - 1), end & !(PAGE_SIZE - 1)))
 }
 
 /// Splits `ram` into slots: each `[start, end)` of `readonly` (page aligned, disjoint, each

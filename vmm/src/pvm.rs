@@ -32,7 +32,9 @@ use log::{debug, info, warn};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot::regs::{read_msrs, MSR_LSTAR, MSR_STAR};
+use crate::arch::x86_64::gdt::{gate_target, retarget_low};
+use crate::arch::x86_64::msr::{read_msrs, MSR_LSTAR, MSR_STAR};
+use crate::arch::x86_64::{vector, RFLAGS_IF, RFLAGS_RF};
 use crate::introspect::kernel::{map_high, KernelError, START_KERNEL_MAP};
 use crate::memory::GuestMem;
 use crate::symbols::SymbolTable;
@@ -40,9 +42,6 @@ use crate::symbols::SymbolTable;
 /// Where the host says whether PVM runs unmodified guests.
 pub const PVM_NATIVE_PARAM: &str = "/sys/module/kvm_pvm/parameters/pvm_native";
 
-const PF_VECTOR: u64 = 14;
-const RFLAGS_IF: i32 = 1 << 9;
-const RFLAGS_RF: i32 = 1 << 16;
 /// The high map is built from 2 MiB pages.
 const MAP_GRANULE: u64 = 2 << 20;
 
@@ -96,7 +95,7 @@ pub fn assemble(p: &ShimParams) -> Result<Vec<u8>, PvmError> {
     let mut orig_ptr = a.create_label();
     a.test(byte_ptr(rsp + 16), 3).map_err(e)?; // from user mode?
     a.jz(orig).map_err(e)?;
-    a.test(dword_ptr(rsp + 24), RFLAGS_IF).map_err(e)?; // IF set: a real user fault
+    a.test(dword_ptr(rsp + 24), RFLAGS_IF as i32).map_err(e)?; // IF set: a real user fault
     a.jnz(orig).map_err(e)?;
     a.push(rax).map_err(e)?;
     a.mov(rax, p.lstar).map_err(e)?;
@@ -107,7 +106,7 @@ pub fn assemble(p: &ShimParams) -> Result<Vec<u8>, PvmError> {
     // masked; drop RF and the error code, and enter LSTAR as `syscall` would have.
     a.mov(qword_ptr(rsp + 16), p.kernel_cs as i32).map_err(e)?;
     a.mov(qword_ptr(rsp + 40), p.kernel_ss as i32).map_err(e)?;
-    a.and(dword_ptr(rsp + 24), !RFLAGS_RF).map_err(e)?;
+    a.and(dword_ptr(rsp + 24), !(RFLAGS_RF as i32)).map_err(e)?;
     a.add(rsp, 8).map_err(e)?;
     a.iretq().map_err(e)?;
     a.set_label(&mut orig).map_err(e)?;
@@ -115,21 +114,6 @@ pub fn assemble(p: &ShimParams) -> Result<Vec<u8>, PvmError> {
     a.set_label(&mut orig_ptr).map_err(e)?;
     a.dq(&[p.pf_handler]).map_err(e)?;
     a.assemble(p.va).map_err(e)
-}
-
-/// Target of a 64-bit IDT gate.
-pub fn gate_target(gate: &[u8; 16]) -> u64 {
-    let w = |i: usize| u64::from(u16::from_le_bytes([gate[i], gate[i + 1]]));
-    let hi = u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]]));
-    w(0) | (w(6) << 16) | (hi << 32)
-}
-
-/// The first 8 bytes of `gate` with its target changed to `target` (same upper 32 bits).
-pub fn retarget_low(gate: &[u8; 16], target: u64) -> u64 {
-    let mut lo = u64::from_le_bytes(gate[..8].try_into().unwrap_or([0; 8]));
-    lo &= 0x0000_ffff_ffff_0000;
-    lo |= (target & 0xffff) | ((target >> 16) & 0xffff) << 48;
-    lo
 }
 
 const PENDING: u8 = 0;
@@ -156,7 +140,7 @@ impl SyscallShim {
         let sym = |n: &'static str| symbols.get(n).map(|s| s.addr).ok_or(PvmError::NoSymbol(n));
         Ok(Self {
             state: AtomicU8::new(PENDING),
-            gate_gpa: kernel_gpa(sym("idt_table")?) + PF_VECTOR * 16,
+            gate_gpa: kernel_gpa(sym("idt_table")?) + u64::from(vector::PF) * 16,
             pf_handler: sym("asm_exc_page_fault")?,
             kernel_cr3: kernel_gpa(sym("init_top_pgt")?),
             kernel_end: sym("_end")?,
@@ -216,22 +200,6 @@ impl SyscallShim {
 mod tests {
     use super::*;
     use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
-
-    fn linux_gate(target: u64) -> [u8; 16] {
-        crate::guestcall::gate(target, 0x10)
-    }
-
-    #[test]
-    fn gates_round_trip() {
-        let g = linux_gate(0xffff_ffff_8160_0a70);
-        assert_eq!(gate_target(&g), 0xffff_ffff_8160_0a70);
-        let lo = retarget_low(&g, 0xffff_ffff_9fe0_0000);
-        let mut g2 = g;
-        g2[..8].copy_from_slice(&lo.to_le_bytes());
-        assert_eq!(gate_target(&g2), 0xffff_ffff_9fe0_0000);
-        // Selector and type/attributes are untouched.
-        assert_eq!(&g2[2..6], &g[2..6]);
-    }
 
     #[test]
     fn selectors_from_star() {

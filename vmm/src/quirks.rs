@@ -15,8 +15,10 @@ use kvm_bindings::kvm_segment;
 use kvm_ioctls::VcpuFd;
 use log::info;
 
-use crate::boot::gdt::{gdt_entry, kvm_segment_from_gdt};
-use crate::boot::regs::{read_msrs, MSR_STAR};
+use crate::arch::x86_64::gdt::{gdt_entry, kvm_segment_from_gdt, FLAGS_USER_CODE64, FLAGS_USER_DATA, FLAT_LIMIT};
+use crate::arch::x86_64::msr::{read_msrs, MSR_STAR};
+use crate::arch::x86_64::regs::inject_exception;
+use crate::arch::x86_64::vector;
 use crate::memory::GuestMem;
 use crate::pvm::SyscallShim;
 
@@ -29,10 +31,10 @@ pub struct Quirks {
 
 /// A flat 64-bit user code or data segment with selector `selector`.
 fn user_seg(selector: u16, code: bool) -> kvm_segment {
-    let flags = if code { 0xa0fb } else { 0xc0f3 }; // present, DPL 3; code: L; data: D/B; G
+    let flags = if code { FLAGS_USER_CODE64 } else { FLAGS_USER_DATA };
     kvm_segment {
         selector,
-        ..kvm_segment_from_gdt(gdt_entry(flags, 0, 0xfffff), 0)
+        ..kvm_segment_from_gdt(gdt_entry(flags, 0, FLAT_LIMIT), 0)
     }
 }
 
@@ -69,18 +71,11 @@ impl Quirks {
     /// nothing. Exact on any KVM, so it needs no arming. Returns true if handled.
     pub fn fwait(&self, vcpu: &VcpuFd, len: usize) -> bool {
         const FSW_ES: u16 = 1 << 7;
-        const MF_VECTOR: u8 = 16;
         let (Ok(fpu), Ok(mut regs)) = (vcpu.get_fpu(), vcpu.get_regs()) else {
             return false;
         };
         if fpu.fsw & FSW_ES != 0 {
-            let Ok(mut ev) = vcpu.get_vcpu_events() else {
-                return false;
-            };
-            ev.exception.injected = 1;
-            ev.exception.nr = MF_VECTOR;
-            ev.exception.has_error_code = 0;
-            return vcpu.set_vcpu_events(&ev).is_ok();
+            return inject_exception(vcpu, vector::MF).is_ok();
         }
         regs.rip = regs.rip.wrapping_add(len as u64);
         vcpu.set_regs(&regs).is_ok()

@@ -13,6 +13,8 @@ use lucos_update_server::guest::{Guest, GuestError, PatchRegion, TaskState, Vcpu
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::UpdateServer;
 
+use crate::arch::x86_64::gdt::KERNEL_CS;
+use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
 use crate::devices::virtio::muxer::PortListener;
 use crate::guestcall::{CallArea, CallError, SafePoint};
 use crate::introspect::tasks::THREAD_SIZE;
@@ -28,8 +30,6 @@ const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 const SAFE_POINT_WAIT: Duration = Duration::from_secs(5);
 /// How long a vCPU gets to come back after a timed-out call was stopped.
 const CALL_STOP_WAIT: Duration = Duration::from_secs(5);
-/// Linux's `__KERNEL_CS` on x86-64.
-const KERNEL_CS: u16 = 0x10;
 /// Where an idle vCPU halts (Linux 6.1 x86 idle path, with and without paravirt).
 const IDLE_FUNCTIONS: &[&str] = &[
     "native_safe_halt",
@@ -39,7 +39,6 @@ const IDLE_FUNCTIONS: &[&str] = &[
     "arch_cpu_idle",
     "default_idle_call",
 ];
-const RFLAGS_IF: u64 = 1 << 9;
 
 /// The running VM as the update server sees it.
 pub struct VmGuest {
@@ -317,7 +316,7 @@ impl Guest for VmGuest {
     }
 
     fn readonly_pages(&self) -> u64 {
-        self.handle.readonly_bytes() / 4096
+        self.handle.readonly_bytes() / PAGE_SIZE
     }
 
     fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError> {

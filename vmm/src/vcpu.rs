@@ -396,12 +396,7 @@ impl Vcpu {
         let mut regs = self.fd.get_regs()?;
         regs.rip = rip.wrapping_add(1);
         self.fd.set_regs(&regs)?;
-        let mut ev = self.fd.get_vcpu_events()?;
-        ev.exception.injected = 1;
-        ev.exception.nr = 3;
-        ev.exception.has_error_code = 0;
-        ev.exception.error_code = 0;
-        self.fd.set_vcpu_events(&ev)?;
+        crate::arch::x86_64::regs::inject_exception(&self.fd, crate::arch::x86_64::vector::BP)?;
         debug!("vcpu{}: int3 at {rip:#x} re-injected as #BP", self.id);
         Ok(())
     }

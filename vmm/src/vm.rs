@@ -16,7 +16,7 @@ use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::boot::{cpuid, loader, mptable, paging, params, regs};
+use crate::arch::x86_64::{cpuid, mptable, paging, params, regs};
 use crate::config::{ConfigError, VmConfig};
 use crate::console;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
@@ -27,6 +27,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::Interrupt;
 use crate::devices::{Bus, BusError};
 use crate::layout::{CMDLINE_START, DEVICE_MMIO_START, SERIAL_IRQ, SERIAL_PORT, VSOCK_IRQ, VSOCK_MMIO_SIZE};
+use crate::loader;
 use crate::memory::{self, GuestMem};
 use crate::pause::{PauseControl, PauseError, Paused};
 use crate::symbols::SymbolTable;

@@ -18,7 +18,7 @@ const MAGIC: u64 = 0x1234_5678_9abc_def0;
 const AREA: u64 = 0x10_0000;
 const FUNCS: u64 = 0x9000;
 const USER_CODE: u64 = 0x40000;
-const MSR_STAR: u32 = 0xc000_0081;
+use lucos_vmm::arch::x86_64::msr::{MSR_KERNEL_GS_BASE, MSR_STAR};
 
 /// The interrupted loop: keeps MAGIC in RBX/R12, counts, and exits on TICK each round.
 fn looper(at: u64) -> Vec<u8> {
@@ -189,7 +189,7 @@ fn user_mode_vcpu_is_switched_to_the_kernel_and_back() {
             ..Default::default()
         },
         kvm_msr_entry {
-            index: 0xc000_0102,
+            index: MSR_KERNEL_GS_BASE,
             data: 0x6666_0000,
             ..Default::default()
         },

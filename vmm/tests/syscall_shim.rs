@@ -10,6 +10,7 @@
 use iced_x86::code_asm::CodeAssembler;
 
 use kvm_ioctls::VcpuExit;
+use lucos_vmm::arch::x86_64::msr::{MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
 use lucos_vmm::host::HostKvm;
 use lucos_vmm::microvm::{self, MicroVm, KCODE};
 use lucos_vmm::pvm::{assemble, ShimParams};
@@ -67,9 +68,9 @@ fn build_guest() -> Guest {
             a.wrmsr().unwrap();
         };
         msr(a, 0xc000_0080, 0xd01); // EFER: SCE|LME|LMA|NXE
-        msr(a, 0xc000_0081, LINUX_STAR);
-        msr(a, 0xc000_0082, lstar);
-        msr(a, 0xc000_0084, LINUX_FMASK);
+        msr(a, MSR_STAR, LINUX_STAR);
+        msr(a, MSR_LSTAR, lstar);
+        msr(a, MSR_SYSCALL_MASK, LINUX_FMASK);
         a.out(PORT_READY as i32, al).unwrap();
         a.push(0x2b).unwrap();
         a.push(USTACK as i32).unwrap();

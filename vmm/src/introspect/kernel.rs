@@ -137,13 +137,9 @@ impl GuestKernel {
     }
 }
 
-const PTE_PRESENT: u64 = 1;
-const PTE_RW: u64 = 1 << 1;
-const PTE_ACCESSED: u64 = 1 << 5;
-const PTE_DIRTY: u64 = 1 << 6;
-const PTE_PSE: u64 = 1 << 7;
-const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
-const SIZE_2M: u64 = 2 << 20;
+use crate::arch::x86_64::paging::{
+    PTE_ACCESSED, PTE_ADDR_MASK, PTE_DIRTY, PTE_PAGE_SIZE, PTE_PRESENT, PTE_WRITABLE, SIZE_2M,
+};
 
 impl GuestKernel {
     /// Maps guest-physical `[gpa, gpa+size)` at `__START_KERNEL_map + gpa` with 2 MiB pages by
@@ -171,16 +167,16 @@ pub fn map_high(mem: &GuestMem, kernel_cr3: u64, kernel_end: u64, gpa: u64, size
             .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: a }))
     };
     let pml4e = rd(kernel_cr3 + ((va >> 39) & 0x1ff) * 8)?;
-    let pud = pml4e & PTE_ADDR;
+    let pud = pml4e & PTE_ADDR_MASK;
     let pude = rd(pud + ((va >> 30) & 0x1ff) * 8)?;
-    if pml4e & PTE_PRESENT == 0 || pude & PTE_PRESENT == 0 || pude & PTE_PSE != 0 {
+    if pml4e & PTE_PRESENT == 0 || pude & PTE_PRESENT == 0 || pude & PTE_PAGE_SIZE != 0 {
         return Err(KernelError::Mismatch("no level2_kernel_pgt under init_top_pgt".into()));
     }
-    let pmd = pude & PTE_ADDR;
+    let pmd = pude & PTE_ADDR_MASK;
     for i in 0..size / SIZE_2M {
         let page = gpa + i * SIZE_2M;
         let slot = pmd + (((va + i * SIZE_2M) >> 21) & 0x1ff) * 8;
-        let want = page | PTE_PRESENT | PTE_RW | PTE_ACCESSED | PTE_DIRTY | PTE_PSE;
+        let want = page | PTE_PRESENT | PTE_WRITABLE | PTE_ACCESSED | PTE_DIRTY | PTE_PAGE_SIZE;
         let cur = rd(slot)?;
         if cur == want {
             continue;

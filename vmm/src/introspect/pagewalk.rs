@@ -7,11 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestMem;
 
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const PAGE_SIZE_BIT: u64 = 1 << 7;
-/// Physical-address bits of a page-table entry (bits 12..51).
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+use crate::arch::x86_64::paging::{PTE_ADDR_MASK, PTE_PAGE_SIZE, PTE_PRESENT, PTE_WRITABLE};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WalkError {
@@ -45,7 +41,7 @@ pub fn translate(mem: &GuestMem, cr3: u64, va: u64) -> Result<Translation, WalkE
     if !canonical(va) {
         return Err(WalkError::NonCanonical { va });
     }
-    let mut table = cr3 & ADDR_MASK;
+    let mut table = cr3 & PTE_ADDR_MASK;
     let mut writable = true;
     for level in (1..=4u8).rev() {
         let shift = 12 + 9 * (level as u64 - 1);
@@ -54,21 +50,21 @@ pub fn translate(mem: &GuestMem, cr3: u64, va: u64) -> Result<Translation, WalkE
         let entry: u64 = mem
             .read_obj(GuestAddress(gpa))
             .map_err(|_| WalkError::BadTable { va, gpa })?;
-        if entry & PRESENT == 0 {
+        if entry & PTE_PRESENT == 0 {
             return Err(WalkError::NotMapped { va, level, entry });
         }
-        writable &= entry & WRITABLE != 0;
-        let leaf = level == 1 || ((level == 2 || level == 3) && entry & PAGE_SIZE_BIT != 0);
+        writable &= entry & PTE_WRITABLE != 0;
+        let leaf = level == 1 || ((level == 2 || level == 3) && entry & PTE_PAGE_SIZE != 0);
         if leaf {
             let page_size = 1u64 << shift;
-            let base = entry & ADDR_MASK & !(page_size - 1);
+            let base = entry & PTE_ADDR_MASK & !(page_size - 1);
             return Ok(Translation {
                 gpa: base | (va & (page_size - 1)),
                 page_size,
                 writable,
             });
         }
-        table = entry & ADDR_MASK;
+        table = entry & PTE_ADDR_MASK;
     }
     unreachable!("level 1 is always a leaf")
 }
@@ -154,13 +150,13 @@ mod tests {
         // direct map, 1 GiB page, read-only
         let dm = 0xffff_8880_0000_0000u64;
         w(cr3 + idx(dm, 4) * 8, 0x10_1000 | 3);
-        w(0x10_1000 + idx(dm, 3) * 8, PAGE_SIZE_BIT | PRESENT);
+        w(0x10_1000 + idx(dm, 3) * 8, PTE_PAGE_SIZE | PTE_PRESENT);
         // kernel text, 2 MiB pages
         let kt = 0xffff_ffff_8000_0000u64;
         w(cr3 + idx(kt, 4) * 8, 0x10_2000 | 3);
         w(0x10_2000 + idx(kt, 3) * 8, 0x10_3000 | 3);
-        w(0x10_3000, 0x100_0000 | PAGE_SIZE_BIT | 3);
-        w(0x10_3008, 0x120_0000 | PAGE_SIZE_BIT | 3);
+        w(0x10_3000, 0x100_0000 | PTE_PAGE_SIZE | 3);
+        w(0x10_3008, 0x120_0000 | PTE_PAGE_SIZE | 3);
         // vmalloc-ish, 4 KiB page
         let vm = 0xffff_c900_0000_0000u64;
         w(cr3 + idx(vm, 4) * 8, 0x10_4000 | 3);

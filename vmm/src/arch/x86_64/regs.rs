@@ -1,36 +1,16 @@
 //! Initial vCPU state for the 64-bit boot protocol: long mode with paging, flat segments,
 //! RSI pointing at boot_params, and a sane FPU/MSR/LAPIC state.
 
-use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use super::gdt::{boot_gdt, kvm_segment_from_gdt};
+use super::msr::boot_msrs;
+use super::{CR0_ET, CR0_NW_CD, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_FIXED};
 use crate::layout::{BOOT_STACK_POINTER, GDT_START, IDT_START, ZERO_PAGE_START};
 use crate::memory::GuestMem;
-
-const X86_CR0_PE: u64 = 1 << 0;
-const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_PG: u64 = 1 << 31;
-const X86_CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
-const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-pub const MSR_STAR: u32 = 0xc000_0081;
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-const MSR_CSTAR: u32 = 0xc000_0083;
-const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-const MSR_IA32_TSC: u32 = 0x10;
-const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
-const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
-const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
-const MTRR_ENABLE: u64 = 1 << 11;
-const MTRR_MEM_TYPE_WB: u64 = 6;
 
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
@@ -59,7 +39,7 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> RegsError {
 /// General purpose registers at the kernel's 64-bit entry point.
 pub fn boot_regs(entry: u64) -> kvm_regs {
     kvm_regs {
-        rflags: 0x2,
+        rflags: RFLAGS_FIXED,
         rip: entry,
         rsp: BOOT_STACK_POINTER,
         rbp: BOOT_STACK_POINTER,
@@ -89,50 +69,11 @@ pub fn boot_sregs(mem: &GuestMem, mut sregs: kvm_sregs, cr3: u64) -> Result<kvm_
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    sregs.cr0 = (sregs.cr0 | X86_CR0_PE | X86_CR0_ET | X86_CR0_PG) & !(1 << 30 | 1 << 29);
+    sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET | CR0_PG) & !CR0_NW_CD;
     sregs.cr3 = cr3;
-    sregs.cr4 |= X86_CR4_PAE;
+    sregs.cr4 |= CR4_PAE;
     sregs.efer |= EFER_LME | EFER_LMA;
     Ok(sregs)
-}
-
-/// Reads MSRs `idx` of a vCPU (None if KVM does not return all of them).
-pub fn read_msrs<const N: usize>(vcpu: &VcpuFd, idx: [u32; N]) -> Option<[u64; N]> {
-    let mut m = Msrs::from_entries(&idx.map(|index| kvm_msr_entry {
-        index,
-        ..Default::default()
-    }))
-    .ok()?;
-    if vcpu.get_msrs(&mut m).ok()? != N {
-        return None;
-    }
-    let mut out = [0u64; N];
-    for (o, e) in out.iter_mut().zip(m.as_slice()) {
-        *o = e.data;
-    }
-    Some(out)
-}
-
-/// MSR values at boot.
-pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    let e = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
-    vec![
-        e(MSR_IA32_SYSENTER_CS, 0),
-        e(MSR_IA32_SYSENTER_ESP, 0),
-        e(MSR_IA32_SYSENTER_EIP, 0),
-        e(MSR_STAR, 0),
-        e(MSR_CSTAR, 0),
-        e(MSR_KERNEL_GS_BASE, 0),
-        e(MSR_SYSCALL_MASK, 0),
-        e(MSR_LSTAR, 0),
-        e(MSR_IA32_TSC, 0),
-        e(MSR_IA32_MISC_ENABLE, MSR_IA32_MISC_ENABLE_FAST_STRING),
-        e(MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_MEM_TYPE_WB),
-    ]
 }
 
 /// Sets up every register of a vCPU. `boot` is false for application processors, which
@@ -188,6 +129,17 @@ fn set_lint(vcpu: &VcpuFd) -> Result<(), RegsError> {
     vcpu.set_lapic(&lapic).map_err(kvm("KVM_SET_LAPIC"))
 }
 
+/// Makes exception `vector` (no error code) pending on `vcpu`: delivered through the
+/// guest's IDT on the next KVM_RUN, as if the current instruction had raised it.
+pub fn inject_exception(vcpu: &VcpuFd, vector: u8) -> Result<(), kvm_ioctls::Error> {
+    let mut ev = vcpu.get_vcpu_events()?;
+    ev.exception.injected = 1;
+    ev.exception.nr = vector;
+    ev.exception.has_error_code = 0;
+    ev.exception.error_code = 0;
+    vcpu.set_vcpu_events(&ev)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,9 +157,9 @@ mod tests {
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
         let s = boot_sregs(&mem, kvm_sregs::default(), 0x9000).unwrap();
         assert_eq!(s.cr3, 0x9000);
-        assert_ne!(s.cr0 & X86_CR0_PG, 0);
-        assert_ne!(s.cr0 & X86_CR0_PE, 0);
-        assert_ne!(s.cr4 & X86_CR4_PAE, 0);
+        assert_ne!(s.cr0 & CR0_PG, 0);
+        assert_ne!(s.cr0 & CR0_PE, 0);
+        assert_ne!(s.cr4 & CR4_PAE, 0);
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(s.cs.selector, super::super::gdt::BOOT_CS);
         assert_eq!(s.cs.l, 1);

@@ -10,10 +10,9 @@ use linux_loader::loader::KernelLoader;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use crate::arch::x86_64::PAGE_SIZE;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, INITRD_ADDR_MAX};
 use crate::memory::GuestMem;
-
-const PAGE_SIZE: u64 = 4096;
 
 #[derive(Debug, Error)]
 pub enum LoaderError {

@@ -1,14 +1,28 @@
-//! Boot page tables: identity map of the first 1 GiB with 2 MiB pages. The 64-bit entry
-//! point of the kernel runs with paging on; it builds its own tables immediately.
+//! Page-table entry bits, and the boot page tables: an identity map of the first 1 GiB with
+//! 2 MiB pages (the 64-bit entry point of the kernel runs with paging on; it builds its own
+//! tables immediately).
 
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{PDE_START, PDPTE_START, PML4_START};
 use crate::memory::GuestMem;
 
-const PRESENT: u64 = 1 << 0;
-const WRITABLE: u64 = 1 << 1;
-const PAGE_SIZE_2M: u64 = 1 << 7;
+/// Entry is present.
+pub const PTE_PRESENT: u64 = 1 << 0;
+/// Writable.
+pub const PTE_WRITABLE: u64 = 1 << 1;
+/// Accessible from user mode.
+pub const PTE_USER: u64 = 1 << 2;
+/// Accessed.
+pub const PTE_ACCESSED: u64 = 1 << 5;
+/// Dirty.
+pub const PTE_DIRTY: u64 = 1 << 6;
+/// In a PDPT or PD entry: maps a 1 GiB or 2 MiB page rather than pointing to a table.
+pub const PTE_PAGE_SIZE: u64 = 1 << 7;
+/// Physical-address bits of an entry (bits 12..51).
+pub const PTE_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// A large page mapped by one PD entry.
+pub const SIZE_2M: u64 = 2 << 20;
 
 /// The three tables, as written to guest memory.
 pub struct BootPageTables {
@@ -24,10 +38,10 @@ pub fn boot_page_tables() -> BootPageTables {
         pdpt: [0; 512],
         pd: [0; 512],
     };
-    t.pml4[0] = PDPTE_START | PRESENT | WRITABLE;
-    t.pdpt[0] = PDE_START | PRESENT | WRITABLE;
+    t.pml4[0] = PDPTE_START | PTE_PRESENT | PTE_WRITABLE;
+    t.pdpt[0] = PDE_START | PTE_PRESENT | PTE_WRITABLE;
     for (i, e) in t.pd.iter_mut().enumerate() {
-        *e = ((i as u64) << 21) | PRESENT | WRITABLE | PAGE_SIZE_2M;
+        *e = ((i as u64) << 21) | PTE_PRESENT | PTE_WRITABLE | PTE_PAGE_SIZE;
     }
     t
 }
@@ -46,15 +60,15 @@ pub fn write_boot_page_tables(mem: &GuestMem) -> Result<u64, vm_memory::GuestMem
 /// Translates `va` through the boot tables (for tests and sanity checks).
 pub fn translate(t: &BootPageTables, va: u64) -> Option<u64> {
     let pml4e = t.pml4[((va >> 39) & 0x1ff) as usize];
-    if pml4e & PRESENT == 0 || pml4e & !0xfff != PDPTE_START {
+    if pml4e & PTE_PRESENT == 0 || pml4e & !0xfff != PDPTE_START {
         return None;
     }
     let pdpte = t.pdpt[((va >> 30) & 0x1ff) as usize];
-    if pdpte & PRESENT == 0 || pdpte & !0xfff != PDE_START {
+    if pdpte & PTE_PRESENT == 0 || pdpte & !0xfff != PDE_START {
         return None;
     }
     let pde = t.pd[((va >> 21) & 0x1ff) as usize];
-    if pde & PRESENT == 0 || pde & PAGE_SIZE_2M == 0 {
+    if pde & PTE_PRESENT == 0 || pde & PTE_PAGE_SIZE == 0 {
         return None;
     }
     Some((pde & !0x1f_ffff & 0x000f_ffff_ffff_ffff) | (va & 0x1f_ffff))

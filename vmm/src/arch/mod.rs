@@ -1,0 +1,3 @@
+//! CPU architecture support. lucos runs x86-64 guests only.
+
+pub mod x86_64;
