@@ -11,7 +11,7 @@ use log::debug;
 use vmm_sys_util::terminal::Terminal;
 
 use crate::devices::serial::SerialPort;
-use crate::vm::VmEvent;
+use crate::events::VmEvent;
 
 const CTRL_A: u8 = 0x01;
 

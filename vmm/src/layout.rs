@@ -68,8 +68,29 @@ pub const CALL_AREA_OFFSET: u64 = 4096;
 /// `__START_KERNEL_map + phys`, within jmp rel32 reach of kernel text.
 pub const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
 
-/// Guest-physical start of the patch region for a guest with `mem_bytes` of RAM: the top
-/// 16 MiB below min(RAM, 1 GiB), 2 MiB aligned.
-pub fn patch_region_start(mem_bytes: u64) -> u64 {
-    (mem_bytes.min(MMIO_GAP_START).min(KERNEL_IMAGE_SIZE) - PATCH_REGION_SIZE) & !((2 << 20) - 1)
+/// Where the patch region of one VM lies: computed once, from the guest's RAM size, when
+/// the VM is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchRegion {
+    /// Guest-physical start: the top [`PATCH_REGION_SIZE`] below min(RAM, 1 GiB), 2 MiB
+    /// aligned.
+    pub gpa: u64,
+    /// Kernel-virtual start in the kernel's high map (`__START_KERNEL_map + gpa`).
+    pub va: u64,
+}
+
+impl PatchRegion {
+    /// The patch region of a guest with `mem_bytes` of RAM.
+    pub fn for_memory(mem_bytes: u64) -> Self {
+        let gpa = (mem_bytes.min(MMIO_GAP_START).min(KERNEL_IMAGE_SIZE) - PATCH_REGION_SIZE) & !((2 << 20) - 1);
+        PatchRegion {
+            gpa,
+            va: crate::introspect::kernel::START_KERNEL_MAP + gpa,
+        }
+    }
+
+    /// True when kernel-virtual `va` lies in the region.
+    pub fn contains_va(&self, va: u64) -> bool {
+        va >= self.va && va < self.va + PATCH_REGION_SIZE
+    }
 }

@@ -22,12 +22,14 @@
 //!   point, in a private environment, and restoring the vCPU.
 //! - [`update`]: the update server's view of the VM (its `Guest` trait) and its start-up.
 //! - [`microvm`]: a ten-instruction guest for fast tests and benchmarks on the real KVM.
+//! - [`events`]: what devices and vCPUs report to the main thread, and why a VM stopped.
 //! - [`vm`]: puts it all together and runs the guest until it stops.
 
 pub mod arch;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod events;
 pub mod fault;
 pub mod guestcall;
 pub mod host;
@@ -47,4 +49,5 @@ pub mod vcpu;
 pub mod vm;
 
 pub use config::VmConfig;
-pub use vm::{ExitReason, Vm, VmError, VmHandle};
+pub use events::ExitReason;
+pub use vm::{Vm, VmError, VmHandle};

@@ -1,7 +1,6 @@
 //! Loads the kernel (uncompressed vmlinux ELF, via linux-loader), the initrd and the
 //! command line into guest memory.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use linux_loader::cmdline::Cmdline;
@@ -11,13 +10,12 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::x86_64::PAGE_SIZE;
+use crate::introspect::Vmlinux;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, INITRD_ADDR_MAX};
 use crate::memory::GuestMem;
 
 #[derive(Debug, Error)]
 pub enum LoaderError {
-    #[error("cannot open kernel '{path}': {source}")]
-    OpenKernel { path: PathBuf, source: std::io::Error },
     #[error(
         "kernel '{path}' is not a loadable x86-64 vmlinux ELF ({source}); pass the uncompressed vmlinux, not a bzImage"
     )]
@@ -49,13 +47,10 @@ pub struct LoadedKernel {
 }
 
 /// Loads a vmlinux ELF at its physical load addresses.
-pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<LoadedKernel, LoaderError> {
-    let mut f = File::open(path).map_err(|source| LoaderError::OpenKernel {
-        path: path.into(),
-        source,
-    })?;
+pub fn load_kernel(mem: &GuestMem, vmlinux: &Vmlinux) -> Result<LoadedKernel, LoaderError> {
+    let mut f = std::io::Cursor::new(vmlinux.bytes());
     let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(|source| LoaderError::BadKernel {
-        path: path.into(),
+        path: vmlinux.path().into(),
         source,
     })?;
     Ok(LoadedKernel {
@@ -129,10 +124,9 @@ mod tests {
         let p = dir.join("garbage");
         std::fs::write(&p, b"this is not an ELF file at all, just text").unwrap();
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
-        let e = load_kernel(&mem, &p).unwrap_err();
+        let e = load_kernel(&mem, &Vmlinux::read(&p).unwrap()).unwrap_err();
         assert!(matches!(e, LoaderError::BadKernel { .. }), "{e}");
-        let e = load_kernel(&mem, &dir.join("missing")).unwrap_err();
-        assert!(matches!(e, LoaderError::OpenKernel { .. }), "{e}");
+        assert!(Vmlinux::read(&dir.join("missing")).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

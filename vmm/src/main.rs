@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use lucos_vmm::config::{parse_mem_size, DEFAULT_VSOCK_CID};
 use lucos_vmm::host::{CpuPolicy, CpuReport};
+use lucos_vmm::introspect::Vmlinux;
 use lucos_vmm::vm::RunOptions;
 use lucos_vmm::{Vm, VmConfig};
 
@@ -123,12 +124,13 @@ fn run(args: RunArgs) -> Result<i32, String> {
         }
         return Ok(0);
     }
-    let vm = Vm::build(&config, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
+    let vmlinux = Vmlinux::read(&config.kernel).map_err(|e| e.to_string())?;
+    let vm = Vm::build(&config, &vmlinux, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
     if let Some(sock) = &args.api_sock {
         if trusted.is_empty() {
             log::warn!("no --trusted-key given: every patch submission will be refused");
         }
-        lucos_vmm::update::start_server(vm.handle(), &config.kernel, config.mem_bytes, trusted, sock)
+        lucos_vmm::update::start_server(vm.handle(), &vmlinux, trusted, sock)
             .map_err(|e| format!("cannot start the update server: {e}"))?;
     }
     let reason = vm

@@ -2,15 +2,15 @@
 //! addresses in fault reports and, by the update server, to resolve patch relocations.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use object::{Object, ObjectSymbol, SymbolKind};
 use thiserror::Error;
 
+use crate::introspect::Vmlinux;
+
 #[derive(Debug, Error)]
 pub enum SymbolError {
-    #[error("cannot read '{path}': {source}")]
-    Read { path: PathBuf, source: std::io::Error },
     #[error("'{path}' is not an ELF file with a symbol table: {source}")]
     Parse { path: PathBuf, source: object::Error },
     #[error("'{path}' has no symbols (built without KALLSYMS/stripped?)")]
@@ -34,13 +34,10 @@ pub struct SymbolTable {
 }
 
 impl SymbolTable {
-    /// Reads the symbols of an ELF file.
-    pub fn from_elf(path: &Path) -> Result<Self, SymbolError> {
-        let data = std::fs::read(path).map_err(|source| SymbolError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+    /// The symbols of an ELF file (a vmlinux).
+    pub fn from_vmlinux(vmlinux: &Vmlinux) -> Result<Self, SymbolError> {
+        let path = vmlinux.path();
+        let file = object::File::parse(vmlinux.bytes()).map_err(|source| SymbolError::Parse {
             path: path.into(),
             source,
         })?;
@@ -141,8 +138,8 @@ mod tests {
     #[test]
     fn reads_own_test_binary() {
         let exe = std::env::current_exe().unwrap();
-        let t = SymbolTable::from_elf(&exe).unwrap();
+        let t = SymbolTable::from_vmlinux(&Vmlinux::read(&exe).unwrap()).unwrap();
         assert!(!t.is_empty());
-        assert!(SymbolTable::from_elf(Path::new("/nonexistent")).is_err());
+        assert!(Vmlinux::read(std::path::Path::new("/nonexistent")).is_err());
     }
 }

@@ -3,7 +3,7 @@
 //! the server.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,9 @@ use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
 use crate::devices::virtio::muxer::PortListener;
 use crate::guestcall::{CallArea, CallError, SafePoint};
 use crate::introspect::tasks::THREAD_SIZE;
+use crate::introspect::Vmlinux;
 use crate::introspect::{list_tasks, GuestKernel};
-use crate::layout::{patch_region_start, CALL_AREA_OFFSET, PATCH_REGION_SIZE, PLATFORM_SIZE};
+use crate::layout::{self, CALL_AREA_OFFSET, PATCH_REGION_SIZE, PLATFORM_SIZE};
 use crate::pause::VcpuSnapshot;
 use crate::vcpu::CallJob;
 use crate::vm::VmHandle;
@@ -44,12 +45,10 @@ const IDLE_FUNCTIONS: &[&str] = &[
 pub struct VmGuest {
     handle: VmHandle,
     kernel: GuestKernel,
-    region_gpa: u64,
-    region_va: u64,
+    region: layout::PatchRegion,
     mapped: Mutex<bool>,
-    /// The vmlinux the symbols came from, and whether the running guest was found to match
-    /// it (its `linux_banner` is read at the first write, not at start-up).
-    vmlinux: PathBuf,
+    /// Whether the running guest was found to be the kernel of the vmlinux the symbols
+    /// came from (its `linux_banner` is read at the first write, not at start-up).
     verified: Mutex<bool>,
     /// Guest calls (patch callbacks): where their private environment is, whether it is
     /// installed, where the guest's idle loop halts, whether user-mode vCPUs may be used.
@@ -64,13 +63,12 @@ fn gerr(e: impl ToString) -> GuestError {
 }
 
 impl VmGuest {
-    pub fn new(handle: VmHandle, vmlinux: &Path, mem_bytes: u64) -> Result<Self, GuestError> {
+    pub fn new(handle: VmHandle, vmlinux: &Vmlinux) -> Result<Self, GuestError> {
         let symbols = handle
             .symbols_arc()
             .ok_or_else(|| gerr("kernel symbols are not available"))?;
-        let kernel = GuestKernel::with_symbols(vmlinux, symbols).map_err(gerr)?;
-        let region_gpa = patch_region_start(mem_bytes);
-        let region_va = crate::introspect::kernel::START_KERNEL_MAP + region_gpa;
+        let kernel = GuestKernel::new(vmlinux, symbols).map_err(gerr)?;
+        let region = handle.patch_region();
         let idle = IDLE_FUNCTIONS
             .iter()
             .filter_map(|n| kernel.symbols.get(n).map(|s| (s.addr, s.addr + s.size)))
@@ -80,14 +78,12 @@ impl VmGuest {
         Ok(Self {
             handle,
             kernel,
-            region_gpa,
-            region_va,
+            region,
             mapped: Mutex::new(false),
-            vmlinux: vmlinux.to_path_buf(),
             verified: Mutex::new(false),
             call_area: CallArea {
-                va: region_va + CALL_AREA_OFFSET,
-                gpa: region_gpa + CALL_AREA_OFFSET,
+                va: region.va + CALL_AREA_OFFSET,
+                gpa: region.gpa + CALL_AREA_OFFSET,
                 kernel_cs: KERNEL_CS,
             },
             call_area_ready: Mutex::new(false),
@@ -183,7 +179,7 @@ impl VmGuest {
         let mut m = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         if !*m {
             self.kernel
-                .map_high(self.handle.memory(), self.region_gpa, PATCH_REGION_SIZE)
+                .map_high(self.handle.memory(), self.region.gpa, PATCH_REGION_SIZE)
                 .map_err(gerr)?;
             *m = true;
         }
@@ -195,10 +191,9 @@ impl VmGuest {
     fn ensure_verified(&self) -> Result<(), GuestError> {
         let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
         if !*v {
-            let refuse = |e: crate::introspect::kernel::KernelError| gerr(format!("refusing to patch: {e}"));
-            let banner =
-                crate::introspect::kernel::banner_from_vmlinux(&self.vmlinux, &self.kernel.symbols).map_err(refuse)?;
-            self.kernel.verify(self.handle.memory(), &banner).map_err(refuse)?;
+            self.kernel
+                .verify(self.handle.memory())
+                .map_err(|e| gerr(format!("refusing to patch: {e}")))?;
             *v = true;
         }
         Ok(())
@@ -233,7 +228,7 @@ impl Guest for VmGuest {
 
     fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError> {
         self.ensure_verified()?;
-        if va >= self.region_va && va < self.region_va + PATCH_REGION_SIZE {
+        if self.region.contains_va(va) {
             self.ensure_mapped()?;
         }
         self.kernel.virt(self.handle.memory()).write(va, data).map_err(gerr)
@@ -310,7 +305,7 @@ impl Guest for VmGuest {
 
     fn patch_region(&self) -> PatchRegion {
         PatchRegion {
-            va: self.region_va + PLATFORM_SIZE,
+            va: self.region.va + PLATFORM_SIZE,
             size: PATCH_REGION_SIZE - PLATFORM_SIZE,
         }
     }
@@ -322,8 +317,8 @@ impl Guest for VmGuest {
     fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError> {
         self.ensure_verified()?;
         self.ensure_call_area()?;
-        let lo = self.region_va + PLATFORM_SIZE;
-        if func < lo || func >= self.region_va + PATCH_REGION_SIZE {
+        let lo = self.region.va + PLATFORM_SIZE;
+        if func < lo || !self.region.contains_va(func) {
             return Err(gerr(format!("{func:#x} is not patch code")));
         }
         self.guest_call(func, args, limit).map_err(|e| match e {
@@ -369,12 +364,11 @@ impl PortListener for UpdatePort {
 /// the VM behind `handle`.
 pub fn start_server(
     handle: VmHandle,
-    vmlinux: &Path,
-    mem_bytes: u64,
+    vmlinux: &Vmlinux,
     trusted: Vec<ed25519_dalek::VerifyingKey>,
     api_sock: &Path,
 ) -> Result<Arc<lucos_update_server::service::UpdateServer>, GuestError> {
-    let guest = Arc::new(VmGuest::new(handle.clone(), vmlinux, mem_bytes)?);
+    let guest = Arc::new(VmGuest::new(handle.clone(), vmlinux)?);
     let server = lucos_update_server::service::UpdateServer::new(guest, trusted);
     server
         .serve_unix(api_sock)

@@ -19,12 +19,12 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
 use crate::devices::virtio::muxer::ListenerSlot;
 use crate::devices::Bus;
+use crate::events::VmEvent;
 use crate::fault;
 use crate::guestcall::{self, CallArea, CallError, SafePoint, Step, PORT_EXCEPTION, PORT_RETURN};
 use crate::memory::GuestMem;
 use crate::pause::{PauseControl, VcpuSnapshot};
 use crate::symbols::SymbolTable;
-use crate::vm::VmEvent;
 
 /// The signal used to kick vCPU threads.
 pub fn kick_signal() -> i32 {
@@ -66,6 +66,8 @@ pub struct VcpuShared {
     pub protect: crate::protect::WriteProtect,
     /// Guest calls waiting for their vCPU.
     pub calls: CallMailbox,
+    /// Where the VM's patch region lies.
+    pub patch_region: crate::layout::PatchRegion,
 }
 
 /// A guest call for one vCPU (see [`crate::guestcall`]).

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,7 +26,11 @@ use crate::devices::virtio::muxer::{ListenerSlot, PortListener};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::Interrupt;
 use crate::devices::{Bus, BusError};
-use crate::layout::{CMDLINE_START, DEVICE_MMIO_START, SERIAL_IRQ, SERIAL_PORT, VSOCK_IRQ, VSOCK_MMIO_SIZE};
+use crate::events::{ExitReason, VmEvent};
+use crate::introspect::Vmlinux;
+use crate::layout::{
+    PatchRegion, CMDLINE_START, DEVICE_MMIO_START, SERIAL_IRQ, SERIAL_PORT, VSOCK_IRQ, VSOCK_MMIO_SIZE,
+};
 use crate::loader;
 use crate::memory::{self, GuestMem};
 use crate::pause::{PauseControl, PauseError, Paused};
@@ -36,62 +40,6 @@ use crate::vcpu::{self, Vcpu, VcpuShared};
 /// Where the TSS and identity-map pages KVM needs on Intel go (just below the BIOS area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
-/// How long to wait for the guest to reset after it printed a kernel panic.
-const PANIC_GRACE: Duration = Duration::from_secs(5);
-
-/// Something that happened in the VM that the main thread must act on.
-#[derive(Debug)]
-pub enum VmEvent {
-    /// The guest reset the machine (reboot).
-    Reset(String),
-    /// The guest powered off.
-    PowerOff,
-    /// The guest kernel printed a panic line.
-    Panic(String),
-    /// A vCPU stopped on an exit the VMM cannot handle.
-    Crash(String),
-    /// The user pressed Ctrl-A x.
-    UserQuit,
-}
-
-/// Why the VM stopped.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExitReason {
-    /// Guest rebooted (exit code 0).
-    Reboot(String),
-    /// Guest powered off (exit code 0).
-    PowerOff,
-    /// Guest kernel panicked (exit code 3).
-    GuestPanic(String),
-    /// A vCPU hit something the VMM cannot handle (exit code 3).
-    GuestCrash(String),
-    /// `--timeout` expired (exit code 4).
-    Timeout(Duration),
-    /// The user quit with Ctrl-A x (exit code 0).
-    UserQuit,
-}
-
-impl ExitReason {
-    /// The process exit code for this reason.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            ExitReason::Reboot(_) | ExitReason::PowerOff | ExitReason::UserQuit => 0,
-            ExitReason::GuestPanic(_) | ExitReason::GuestCrash(_) => 3,
-            ExitReason::Timeout(_) => 4,
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            ExitReason::Reboot(how) => format!("guest rebooted ({how})"),
-            ExitReason::PowerOff => "guest powered off".into(),
-            ExitReason::GuestPanic(line) => format!("guest kernel panicked: {line}"),
-            ExitReason::GuestCrash(what) => format!("guest stopped on an unhandled exit:\n{what}"),
-            ExitReason::Timeout(d) => format!("timeout: guest still running after {}s, stopped", d.as_secs()),
-            ExitReason::UserQuit => "quit by user (Ctrl-A x)".into(),
-        }
-    }
-}
 
 #[derive(Debug, Error)]
 pub enum VmError {
@@ -155,179 +103,223 @@ pub struct Vm {
     events: Receiver<VmEvent>,
 }
 
+/// What [`load_guest`] put into guest memory.
+struct LoadedGuest {
+    /// The kernel's 64-bit entry point.
+    entry: u64,
+    /// The boot page tables' root.
+    cr3: u64,
+}
+
+/// The devices [`attach_devices`] put on the buses.
+struct Devices {
+    pio: Bus,
+    mmio: Bus,
+    serial: Arc<Mutex<SerialPort>>,
+    vsock_listener: Option<ListenerSlot>,
+}
+
+/// Opens KVM, checks the capabilities lucos-vmm needs and creates the VM with its
+/// in-kernel irqchip and PIT.
+fn create_vm() -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    for cap in [
+        Cap::Irqchip,
+        Cap::UserMemory,
+        Cap::SetTssAddr,
+        Cap::Pit2,
+        Cap::Irqfd,
+        Cap::ImmediateExit,
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmError::MissingCap(cap));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok((kvm, vm))
+}
+
+/// Writes everything the guest reads at boot: kernel, initrd, command line, boot_params
+/// with the e820 map (the patch region reserved), boot page tables, MP table.
+fn load_guest(
+    mem: &GuestMem,
+    config: &VmConfig,
+    vmlinux: &Vmlinux,
+    region: PatchRegion,
+) -> Result<LoadedGuest, VmError> {
+    let kernel = loader::load_kernel(mem, vmlinux)?;
+    let initrd = match &config.initrd {
+        Some(p) => {
+            let (addr, size) = loader::load_initrd(mem, p, kernel.end, region.gpa)?;
+            Some(params::InitrdLocation { addr, size })
+        }
+        None => None,
+    };
+    let cmdline = config.kernel_cmdline();
+    let cmdline_len = loader::load_cmdline(mem, &cmdline)?;
+    let e820 = params::e820_map(config.mem_bytes, &[(region.gpa, crate::layout::PATCH_REGION_SIZE)]);
+    let bp = params::build_boot_params(&e820, CMDLINE_START, cmdline_len, initrd)?;
+    params::write_boot_params(mem, &bp)?;
+    let cr3 = paging::write_boot_page_tables(mem).map_err(VmError::PageTables)?;
+    mptable::write(mem, config.vcpus)?;
+    info!(
+        "kernel entry {:#x}, end {:#x}; initrd {:?}; cmdline '{}'",
+        kernel.entry, kernel.end, initrd, cmdline
+    );
+    Ok(LoadedGuest {
+        entry: kernel.entry,
+        cr3,
+    })
+}
+
+/// Creates the devices, wires their interrupts and puts them on the port and MMIO buses.
+fn attach_devices(
+    vm: &VmFd,
+    mem: &GuestMem,
+    config: &VmConfig,
+    events: &Sender<VmEvent>,
+    console_out: Box<dyn Write + Send>,
+) -> Result<Devices, VmError> {
+    let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+    vm.register_irqfd(&serial_evt, SERIAL_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+    let serial = Arc::new(Mutex::new(SerialPort(Serial::new(
+        EventFdTrigger(serial_evt),
+        ConsoleOut::new(console_out, events.clone()),
+    ))));
+    let mut pio = Bus::pio();
+    pio.insert(SERIAL_PORT, 8, serial.clone())?;
+    pio.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(events.clone()))))?;
+
+    let mut mmio = Bus::mmio();
+    let vsock_listener = match config.vsock_cid {
+        Some(cid) => {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            vm.register_irqfd(&evt, VSOCK_IRQ)
+                .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
+            let slot: ListenerSlot = Default::default();
+            let dev = Vsock::new(cid, slot.clone());
+            let transport = MmioTransport::new(Box::new(dev), mem.clone(), Arc::new(Interrupt::new(evt)));
+            mmio.insert(DEVICE_MMIO_START, VSOCK_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
+            info!("virtio-vsock: guest cid {cid} at {DEVICE_MMIO_START:#x}, irq {VSOCK_IRQ}");
+            Some(slot)
+        }
+        None => None,
+    };
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        vsock_listener,
+    })
+}
+
+/// The PVM workarounds when the CPU policy asks for them (with the syscall shim, built from
+/// the kernel's symbols), none otherwise.
+fn host_quirks(config: &VmConfig, symbols: Option<&SymbolTable>, region: PatchRegion) -> crate::quirks::Quirks {
+    if !config.cpu.pvm_quirks {
+        return Default::default();
+    }
+    let shim = match symbols.map(|t| crate::pvm::SyscallShim::new(t, region.gpa)) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => {
+            warn!("PVM host: {e}; guest userspace will not run");
+            None
+        }
+        None => {
+            warn!("PVM host: no kernel symbols for the syscall shim; guest userspace will not run");
+            None
+        }
+    };
+    info!("host KVM is PVM in native mode: software-KVM workarounds on");
+    crate::quirks::Quirks::for_pvm(shim)
+}
+
+/// Creates the vCPUs with their CPUID (per the host's CPU policy) and boot registers.
+fn create_vcpus(
+    kvm: &Kvm,
+    vm: &VmFd,
+    config: &VmConfig,
+    guest: &LoadedGuest,
+    shared: &Arc<VcpuShared>,
+) -> Result<Vec<Vcpu>, VmError> {
+    let supported = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::new();
+    for id in 0..config.vcpus {
+        let fd = vm.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut entries = supported.as_slice().to_vec();
+        cpuid::filter(&mut entries, id, config.vcpus, config.cpu.hide_emulator_gaps);
+        if config.cpu.hide_pv_hypercalls {
+            cpuid::hide_pv_hypercalls(&mut entries);
+        }
+        let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
+            what: "building CPUID",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        regs::setup_vcpu(&fd, &shared.mem, guest.entry, guest.cr3, id == 0)
+            .map_err(|source| VmError::Regs { cpu: id, source })?;
+        vcpus.push(Vcpu::new(id, fd, shared.clone()));
+    }
+    Ok(vcpus)
+}
+
 impl Vm {
     /// Creates the VM, loads the guest and prepares every vCPU; nothing runs yet.
-    pub fn build(config: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Self, VmError> {
+    pub fn build(config: &VmConfig, vmlinux: &Vmlinux, console_out: Box<dyn Write + Send>) -> Result<Self, VmError> {
         config.validate()?;
         let t0 = Instant::now();
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        for cap in [
-            Cap::Irqchip,
-            Cap::UserMemory,
-            Cap::SetTssAddr,
-            Cap::Pit2,
-            Cap::Irqfd,
-            Cap::ImmediateExit,
-        ] {
-            if !kvm.check_extension(cap) {
-                return Err(VmError::MissingCap(cap));
-            }
-        }
-        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDRESS)
-            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-            .map_err(kvm_err("KVM_SET_IDENTITY_MAP_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
-
+        let (kvm, vm) = create_vm()?;
         let mem = memory::create_guest_memory(config.mem_bytes)?;
         memory::register_memslots(&vm, &mem)?;
-
-        let kernel = loader::load_kernel(&mem, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(p) => {
-                let top = crate::layout::patch_region_start(config.mem_bytes);
-                let (addr, size) = loader::load_initrd(&mem, p, kernel.end, top)?;
-                Some(params::InitrdLocation { addr, size })
-            }
-            None => None,
-        };
-        let cmdline = config.kernel_cmdline();
-        let cmdline_len = loader::load_cmdline(&mem, &cmdline)?;
-        let patch_gpa = crate::layout::patch_region_start(config.mem_bytes);
-        let e820 = params::e820_map(config.mem_bytes, &[(patch_gpa, crate::layout::PATCH_REGION_SIZE)]);
-        let bp = params::build_boot_params(&e820, CMDLINE_START, cmdline_len, initrd)?;
-        params::write_boot_params(&mem, &bp)?;
-        let cr3 = paging::write_boot_page_tables(&mem).map_err(VmError::PageTables)?;
-        mptable::write(&mem, config.vcpus)?;
-        info!(
-            "kernel entry {:#x}, end {:#x}; initrd {:?}; cmdline '{}'",
-            kernel.entry, kernel.end, initrd, cmdline
-        );
-
-        let symbols = match SymbolTable::from_elf(&config.kernel) {
+        let region = PatchRegion::for_memory(config.mem_bytes);
+        let guest = load_guest(&mem, config, vmlinux, region)?;
+        let symbols = match SymbolTable::from_vmlinux(vmlinux) {
             Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 warn!("no kernel symbols for fault reports: {e}");
                 None
             }
         };
-
-        // Devices.
         let (events_tx, events) = channel();
-        let serial_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-        vm.register_irqfd(&serial_evt, SERIAL_IRQ)
-            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(SerialPort(Serial::new(
-            EventFdTrigger(serial_evt),
-            ConsoleOut::new(console_out, events_tx.clone()),
-        ))));
-        let mut pio = Bus::pio();
-        pio.insert(SERIAL_PORT, 8, serial.clone())?;
-        pio.insert(
-            I8042_BASE,
-            I8042_LEN,
-            Arc::new(Mutex::new(I8042::new(events_tx.clone()))),
-        )?;
-
-        let mut mmio = Bus::mmio();
-        let vsock_listener = match config.vsock_cid {
-            Some(cid) => {
-                let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
-                vm.register_irqfd(&evt, VSOCK_IRQ)
-                    .map_err(kvm_err("KVM_IRQFD (vsock)"))?;
-                let slot: ListenerSlot = Default::default();
-                let dev = Vsock::new(cid, slot.clone());
-                let transport = MmioTransport::new(Box::new(dev), mem.clone(), Arc::new(Interrupt::new(evt)));
-                mmio.insert(DEVICE_MMIO_START, VSOCK_MMIO_SIZE, Arc::new(Mutex::new(transport)))?;
-                info!("virtio-vsock: guest cid {cid} at {DEVICE_MMIO_START:#x}, irq {VSOCK_IRQ}");
-                Some(slot)
-            }
-            None => None,
-        };
-
-        let quirks = if config.cpu.pvm_quirks {
-            let shim = match symbols.as_deref().map(|t| crate::pvm::SyscallShim::new(t, patch_gpa)) {
-                Some(Ok(s)) => Some(s),
-                Some(Err(e)) => {
-                    warn!("PVM host: {e}; guest userspace will not run");
-                    None
-                }
-                None => {
-                    warn!("PVM host: no kernel symbols for the syscall shim; guest userspace will not run");
-                    None
-                }
-            };
-            info!("host KVM is PVM in native mode: software-KVM workarounds on");
-            crate::quirks::Quirks::for_pvm(shim)
-        } else {
-            Default::default()
-        };
-        let vm_arc = Arc::new(vm);
-        let vm = &*vm_arc;
-        let protect = crate::protect::WriteProtect::new(crate::protect::MemSlots::new(vm_arc.clone(), &mem));
+        let devices = attach_devices(&vm, &mem, config, &events_tx, console_out)?;
+        let quirks = host_quirks(config, symbols.as_deref(), region);
+        let vm = Arc::new(vm);
+        let protect = crate::protect::WriteProtect::new(crate::protect::MemSlots::new(vm.clone(), &mem));
         let shared = Arc::new(VcpuShared {
-            mem: mem.clone(),
-            pio,
-            mmio,
-            vsock_listener,
-            events: events_tx.clone(),
+            mem,
+            pio: devices.pio,
+            mmio: devices.mmio,
+            vsock_listener: devices.vsock_listener,
+            events: events_tx,
             stop: std::sync::atomic::AtomicBool::new(false),
             symbols,
             pause: PauseControl::new(config.vcpus as usize),
             quirks,
             protect,
             calls: vcpu::CallMailbox::new(config.vcpus as usize),
+            patch_region: region,
         });
-
-        // vCPUs.
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        let mut vcpus = Vec::new();
-        for id in 0..config.vcpus {
-            let fd = vm.create_vcpu(id as u64).map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let mut entries = supported.as_slice().to_vec();
-            cpuid::filter(&mut entries, id, config.vcpus, config.cpu.hide_emulator_gaps);
-            if config.cpu.hide_pv_hypercalls {
-                cpuid::hide_pv_hypercalls(&mut entries);
-            }
-            let cpuid = CpuId::from_entries(&entries).map_err(|_| VmError::Kvm {
-                what: "building CPUID",
-                source: kvm_ioctls::Error::new(libc::E2BIG),
-            })?;
-            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
-            if log::log_enabled!(log::Level::Debug) {
-                if let Ok(back) = fd.get_cpuid2(KVM_MAX_CPUID_ENTRIES) {
-                    for e in back.as_slice().iter().filter(|e| e.function == 1 || e.function == 0xd) {
-                        log::debug!(
-                            "vcpu{id} cpuid {:#x}.{}: eax={:#x} ebx={:#x} ecx={:#x} edx={:#x}",
-                            e.function,
-                            e.index,
-                            e.eax,
-                            e.ebx,
-                            e.ecx,
-                            e.edx
-                        );
-                    }
-                }
-            }
-            regs::setup_vcpu(&fd, &mem, kernel.entry, cr3, id == 0)
-                .map_err(|source| VmError::Regs { cpu: id, source })?;
-            vcpus.push(Vcpu::new(id, fd, shared.clone()));
-        }
+        let vcpus = create_vcpus(&kvm, &vm, config, &guest, &shared)?;
         info!("VM built in {:?}", t0.elapsed());
         Ok(Vm {
             _kvm: kvm,
-            _vm: vm_arc,
+            _vm: vm,
             vcpus,
             shared,
-            serial,
+            serial: devices.serial,
             events,
         })
     }
@@ -362,7 +354,7 @@ impl Vm {
                 opts.profile_depth,
             )
         });
-        let reason = wait_for_exit(&self.events, opts.timeout);
+        let reason = crate::events::wait_for_exit(&self.events, opts.timeout);
         if let Some(p) = profiler {
             eprintln!("\r\n{}", p.finish(30));
         }
@@ -379,41 +371,6 @@ pub fn vsock_cmdline() -> String {
         "virtio_mmio.device={}K@{DEVICE_MMIO_START:#x}:{VSOCK_IRQ}",
         VSOCK_MMIO_SIZE >> 10
     )
-}
-
-fn wait_for_exit(events: &Receiver<VmEvent>, timeout: Option<Duration>) -> ExitReason {
-    let start = Instant::now();
-    let mut panic_line: Option<(String, Instant)> = None;
-    loop {
-        let mut wait = Duration::from_millis(200);
-        if let Some(t) = timeout {
-            match t.checked_sub(start.elapsed()) {
-                Some(left) => wait = wait.min(left),
-                None => return ExitReason::Timeout(t),
-            }
-        }
-        if let Some((line, at)) = &panic_line {
-            if at.elapsed() > PANIC_GRACE {
-                return ExitReason::GuestPanic(line.clone());
-            }
-        }
-        match events.recv_timeout(wait) {
-            Ok(VmEvent::Reset(how)) => {
-                return match panic_line {
-                    Some((line, _)) => ExitReason::GuestPanic(line),
-                    None => ExitReason::Reboot(how),
-                }
-            }
-            Ok(VmEvent::PowerOff) => return ExitReason::PowerOff,
-            Ok(VmEvent::Panic(line)) => {
-                panic_line.get_or_insert((line, Instant::now()));
-            }
-            Ok(VmEvent::Crash(what)) => return ExitReason::GuestCrash(what),
-            Ok(VmEvent::UserQuit) => return ExitReason::UserQuit,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return ExitReason::GuestCrash("all event sources closed".into()),
-        }
-    }
 }
 
 fn stop_vcpus(shared: &VcpuShared, handles: &[JoinHandle<()>]) {
@@ -450,6 +407,11 @@ impl VmHandle {
 
     pub fn symbols_arc(&self) -> Option<Arc<SymbolTable>> {
         self.shared.symbols.clone()
+    }
+
+    /// Where the VM's patch region lies.
+    pub fn patch_region(&self) -> crate::layout::PatchRegion {
+        self.shared.patch_region
     }
 
     /// Write-protects guest-physical `[gpa, gpa+len)` (whole pages) for `owner`: every

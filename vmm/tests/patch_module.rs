@@ -5,13 +5,14 @@ mod common;
 use lucos_update_server::link::{self, LinkError};
 use lucos_update_server::module::PatchModule;
 use lucos_update_server::runpre;
+use lucos_vmm::introspect::Vmlinux;
 use lucos_vmm::symbols::SymbolTable;
 
 #[test]
 fn cmdline_module_parses_and_links_against_vmlinux() {
     let ko = common::session::build_patch("cmdline/lucos_cmdline.ko");
     let (vmlinux, _) = common::images();
-    let syms = SymbolTable::from_elf(&vmlinux).unwrap();
+    let syms = SymbolTable::from_vmlinux(&Vmlinux::read(&vmlinux).unwrap()).unwrap();
     let m = PatchModule::parse(&std::fs::read(&ko).unwrap()).unwrap();
     assert_eq!(m.name, "cmdline");
     assert_eq!(m.replaces.len(), 1);
@@ -59,7 +60,7 @@ fn cmdline_module_parses_and_links_against_vmlinux() {
 #[test]
 fn kernel_btf_gives_task_struct_layout() {
     let (vmlinux, _) = common::images();
-    let btf = lucos_vmm::introspect::btf::KernelBtf::from_vmlinux(&vmlinux).unwrap();
+    let btf = lucos_vmm::introspect::btf::KernelBtf::from_vmlinux(&Vmlinux::read(&vmlinux).unwrap()).unwrap();
     let l = lucos_vmm::introspect::kernel::TaskLayout::from_btf(&btf).unwrap();
     let size = btf.size_of("task_struct").unwrap();
     for (name, off) in [
@@ -74,8 +75,9 @@ fn kernel_btf_gives_task_struct_layout() {
     assert_eq!(l.tgid, l.pid + 4, "pid and tgid are adjacent pid_t fields");
     assert!(btf.offset_of("task_struct", "no_such_field").is_err());
     // A vmlinux without .BTF gets a clear error.
-    let e = lucos_vmm::introspect::btf::KernelBtf::from_vmlinux(&std::env::current_exe().unwrap())
-        .err()
-        .unwrap();
+    let e =
+        lucos_vmm::introspect::btf::KernelBtf::from_vmlinux(&Vmlinux::read(&std::env::current_exe().unwrap()).unwrap())
+            .err()
+            .unwrap();
     assert!(e.to_string().contains("no .BTF section"), "{e}");
 }

@@ -4,7 +4,7 @@
 use std::sync::mpsc::Sender;
 
 use super::BusDevice;
-use crate::vm::VmEvent;
+use crate::events::VmEvent;
 
 /// I/O base of the controller (data port 0x60, command/status port 0x64).
 pub const I8042_BASE: u64 = 0x60;

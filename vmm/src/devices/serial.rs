@@ -9,7 +9,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
-use crate::vm::VmEvent;
+use crate::events::VmEvent;
 
 /// Raises the serial interrupt by writing to an eventfd registered as an irqfd.
 pub struct EventFdTrigger(pub EventFd);

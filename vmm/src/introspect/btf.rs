@@ -1,16 +1,16 @@
 //! Kernel struct layouts from the BTF in the vmlinux `.BTF` section (btf-rs), so the VMM
 //! finds `task_struct` fields without hard-coding offsets for one kernel build.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use btf_rs::{Btf, Struct, Type};
 use object::{Object, ObjectSection};
 use thiserror::Error;
 
+use super::Vmlinux;
+
 #[derive(Debug, Error)]
 pub enum BtfError {
-    #[error("cannot read '{path}': {source}")]
-    Read { path: PathBuf, source: std::io::Error },
     #[error("'{path}' is not an ELF file: {source}")]
     Elf { path: PathBuf, source: object::Error },
     #[error("'{path}' has no .BTF section: build the guest kernel with CONFIG_DEBUG_INFO_BTF=y (needs pahole)")]
@@ -33,13 +33,10 @@ pub struct KernelBtf {
 }
 
 impl KernelBtf {
-    /// Reads BTF from a vmlinux ELF.
-    pub fn from_vmlinux(path: &Path) -> Result<Self, BtfError> {
-        let data = std::fs::read(path).map_err(|source| BtfError::Read {
-            path: path.into(),
-            source,
-        })?;
-        let elf = object::File::parse(&*data).map_err(|source| BtfError::Elf {
+    /// Parses BTF from a vmlinux ELF's `.BTF` section.
+    pub fn from_vmlinux(vmlinux: &Vmlinux) -> Result<Self, BtfError> {
+        let path = vmlinux.path();
+        let elf = object::File::parse(vmlinux.bytes()).map_err(|source| BtfError::Elf {
             path: path.into(),
             source,
         })?;

@@ -2,13 +2,13 @@
 //! by kernel-virtual address through the kernel's own top-level page table
 //! (`init_top_pgt`), which maps every kernel address and needs no vCPU.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use thiserror::Error;
 
 use super::btf::{BtfError, KernelBtf};
 use super::pagewalk::{GuestVirt, WalkError};
+use super::Vmlinux;
 use crate::memory::GuestMem;
 use crate::symbols::{SymbolError, SymbolTable};
 
@@ -69,18 +69,16 @@ pub struct GuestKernel {
     pub tasks: TaskLayout,
     /// Guest-physical address of `init_top_pgt`.
     pub kernel_cr3: u64,
+    /// `linux_banner` as the vmlinux has it: the running kernel must have the same.
+    banner: Vec<u8>,
 }
 
 impl GuestKernel {
-    /// Loads symbols and BTF from the vmlinux the guest was booted with.
-    pub fn from_vmlinux(path: &Path) -> Result<Self, KernelError> {
-        let symbols = Arc::new(SymbolTable::from_elf(path)?);
-        Self::with_symbols(path, symbols)
-    }
-
-    /// Like [`from_vmlinux`](Self::from_vmlinux) with an already loaded symbol table.
-    pub fn with_symbols(path: &Path, symbols: Arc<SymbolTable>) -> Result<Self, KernelError> {
-        let btf = KernelBtf::from_vmlinux(path)?;
+    /// Struct layouts (BTF) and `linux_banner` from the vmlinux the guest was booted with,
+    /// whose symbol table is `symbols`.
+    pub fn new(vmlinux: &Vmlinux, symbols: Arc<SymbolTable>) -> Result<Self, KernelError> {
+        let btf = KernelBtf::from_vmlinux(vmlinux)?;
+        let banner = banner_from_vmlinux(vmlinux, &symbols)?;
         let tasks = TaskLayout::from_btf(&btf)?;
         let pgt = symbols
             .get("init_top_pgt")
@@ -91,6 +89,7 @@ impl GuestKernel {
             btf,
             tasks,
             kernel_cr3: pgt - START_KERNEL_MAP,
+            banner,
         })
     }
 
@@ -108,11 +107,11 @@ impl GuestKernel {
 
     /// Checks that the running guest is the kernel these symbols describe: `linux_banner`
     /// in guest memory must equal the one in the vmlinux.
-    pub fn verify(&self, mem: &GuestMem, vmlinux_banner: &[u8]) -> Result<(), KernelError> {
+    pub fn verify(&self, mem: &GuestMem) -> Result<(), KernelError> {
         let addr = self.sym("linux_banner")?;
-        let mut buf = vec![0u8; vmlinux_banner.len()];
+        let mut buf = vec![0u8; self.banner.len()];
         self.virt(mem).read(addr, &mut buf)?;
-        if buf != vmlinux_banner {
+        if buf != self.banner {
             return Err(KernelError::Mismatch(format!(
                 "linux_banner differs: guest has {:?}",
                 String::from_utf8_lossy(&buf).trim_end_matches('\0')
@@ -193,14 +192,11 @@ pub fn map_high(mem: &GuestMem, kernel_cr3: u64, kernel_end: u64, gpa: u64, size
     Ok(va)
 }
 
-/// Reads `linux_banner`'s bytes from the vmlinux file itself.
-pub fn banner_from_vmlinux(path: &Path, symbols: &SymbolTable) -> Result<Vec<u8>, KernelError> {
+/// `linux_banner`'s bytes in the vmlinux file itself.
+fn banner_from_vmlinux(vmlinux: &Vmlinux, symbols: &SymbolTable) -> Result<Vec<u8>, KernelError> {
     use object::{Object, ObjectSection};
-    let data = std::fs::read(path).map_err(|source| SymbolError::Read {
-        path: path.into(),
-        source,
-    })?;
-    let elf = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+    let path = vmlinux.path();
+    let elf = object::File::parse(vmlinux.bytes()).map_err(|source| SymbolError::Parse {
         path: path.into(),
         source,
     })?;
