@@ -9,7 +9,7 @@ use thiserror::Error;
 
 /// Why the vmlinux could not be read.
 #[derive(Debug, Error)]
-#[error("cannot read kernel '{path}': {source}")]
+#[error("cannot open kernel '{path}': {source}")]
 pub struct VmlinuxError {
     /// The file.
     pub path: PathBuf,

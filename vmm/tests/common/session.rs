@@ -41,7 +41,9 @@ impl Session {
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = channel();
         // The console also goes to a file, to follow a slow guest while the test runs.
-        let log_path = std::env::temp_dir().join(format!("lucos-console-{}-{}.log", std::process::id(), child.id()));
+        // $LUCOS_CONSOLE_DIR keeps it somewhere else (e.g. out of the SVM lane's fresh /tmp).
+        let log_dir = std::env::var_os("LUCOS_CONSOLE_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let log_path = log_dir.join(format!("lucos-console-{}-{}.log", std::process::id(), child.id()));
         eprintln!("guest console log: {}", log_path.display());
         let mut log = std::fs::File::create(&log_path).ok();
         std::thread::spawn(move || {
