@@ -6,9 +6,36 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("{0}")]
-pub struct GuestError(pub String);
+/// The cause of a [`GuestError`], from the VMM's own error types.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the VMM could not do what the update server asked, by kind, with the VMM's error as
+/// the source.
+#[derive(Debug, Error)]
+pub enum GuestError {
+    /// Guest memory could not be read or written at a kernel-virtual address.
+    #[error("{0}")]
+    Memory(#[source] Cause),
+    /// Guest kernel introspection failed (symbols, BTF, the task list, CPU capabilities).
+    #[error("{0}")]
+    Introspection(#[source] Cause),
+    /// The running guest is not the kernel the symbols came from: nothing is written.
+    #[error("refusing to patch: {0}")]
+    KernelMismatch(#[source] Cause),
+    /// The vCPUs could not be stopped (or the VM is stopping).
+    #[error("{0}")]
+    Pause(#[source] Cause),
+    /// Changing write protection (read-only memslots) failed.
+    #[error("{0}")]
+    Protect(#[source] Cause),
+    /// A guest call (patch callback) failed: exception, time limit, no safe point.
+    #[error("{0}")]
+    Call(#[source] Cause),
+    /// The VMM refuses the request itself (e.g. a call target outside patch code, an
+    /// object spanning non-contiguous pages).
+    #[error("{0}")]
+    Refused(String),
+}
 
 /// A vCPU's state while the world is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

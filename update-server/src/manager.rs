@@ -21,7 +21,7 @@ use crate::alternatives::{self, AltError};
 use crate::guest::{Guest, GuestError, VcpuState, WriteRule};
 use crate::link::{self, LinkError};
 use crate::module::{CallbackKind, DataRule, ModuleError, PatchModule};
-use crate::runpre::{self, FTRACE_NOP, JMP_LEN};
+use crate::runpre::{self, SiteError, FTRACE_NOP, JMP_LEN};
 
 /// How often a pause is retried when a vCPU sits on a patch site.
 const SITE_RETRIES: usize = 50;
@@ -40,8 +40,8 @@ pub enum ApplyError {
     TooSmall { name: String, size: u64 },
     #[error("the module replaces '{0}' twice")]
     Duplicate(String),
-    #[error("{0}")]
-    RunPre(String),
+    #[error(transparent)]
+    RunPre(#[from] SiteError),
     #[error("patch region full: need {need} bytes, {free} free")]
     NoSpace { need: u64, free: u64 },
     #[error("guest access failed: {0}")]
@@ -437,7 +437,10 @@ impl Manager {
             let site = old_addr + runpre::patch_offset(&head) as u64;
             let new_addr = linked.addr_of(r.new_load_idx, r.new_offset);
             let jump = runpre::jmp_rel32(site, new_addr).ok_or_else(|| {
-                ApplyError::RunPre(format!("{} is out of jmp rel32 range of {new_addr:#x}", r.old_name))
+                ApplyError::RunPre(SiteError::OutOfReach {
+                    func: r.old_name.clone(),
+                    target: new_addr,
+                })
             })?;
             // What the site must hold now: the previous lucos jump if stacked, else ftrace's nop.
             let expected = match self.sites.get(&site).and_then(|v| v.last()) {
@@ -445,7 +448,7 @@ impl Manager {
                 None => FTRACE_NOP.to_vec(),
             };
             let off = (site - old_addr) as usize;
-            runpre::check_site(&r.old_name, site, &head[off..], &expected).map_err(ApplyError::RunPre)?;
+            runpre::check_site(&r.old_name, site, &head[off..], &expected)?;
             funcs.push(FuncPatch {
                 old_name: r.old_name.clone(),
                 old_addr,
@@ -619,12 +622,11 @@ impl Manager {
                         let mut cur = vec![0u8; JMP_LEN];
                         g.read(f.site, &mut cur)?;
                         if &cur != from {
-                            return Err(ApplyError::RunPre(format!(
-                                "{} changed under us at {:#x}: `{}`",
-                                f.old_name,
-                                f.site,
-                                runpre::disasm(&cur, f.site, 2)
-                            )));
+                            return Err(ApplyError::RunPre(SiteError::Changed {
+                                func: f.old_name.clone(),
+                                site: f.site,
+                                actual: runpre::disasm(&cur, f.site, 2),
+                            }));
                         }
                     }
                     for f in funcs {
@@ -959,7 +961,7 @@ mod tests {
         }
         fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {
             if self.fail_protect {
-                return Err(GuestError("no read-only memslots".into()));
+                return Err(GuestError::Protect("no read-only memslots".into()));
             }
             self.rules.lock().unwrap().push((va, len, owner.into(), rule));
             Ok(())
@@ -982,7 +984,7 @@ mod tests {
             let before = r.len();
             r.retain(|x| x.2 != owner);
             if r.len() == before {
-                return Err(GuestError(format!("no protection for {owner}")));
+                return Err(GuestError::Protect(format!("no protection for {owner}").into()));
             }
             Ok(())
         }

@@ -45,15 +45,69 @@ pub fn disasm(bytes: &[u8], ip: u64, max: usize) -> String {
     out.join("; ")
 }
 
+/// Why a patch site may not be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SiteError {
+    /// The site does not hold the bytes lucos expects to overwrite.
+    #[error("run-pre check failed for {func}: expected `{expected}` at {site:#x}, the running kernel has `{actual}`")]
+    Mismatch {
+        /// The function.
+        func: String,
+        /// The site's address.
+        site: u64,
+        /// The expected bytes, decoded.
+        expected: String,
+        /// The bytes found, decoded.
+        actual: String,
+    },
+    /// The site's bytes do not decode.
+    #[error("run-pre check failed for {func}: undecodable bytes at {site:#x}")]
+    Undecodable {
+        /// The function.
+        func: String,
+        /// The site's address.
+        site: u64,
+    },
+    /// A jump there would end inside an instruction.
+    #[error("run-pre check failed for {func}: a {len}-byte jump at {site:#x} would split an instruction")]
+    SplitsInstruction {
+        /// The function.
+        func: String,
+        /// The site's address.
+        site: u64,
+        /// The jump's length.
+        len: usize,
+    },
+    /// The new function is beyond `jmp rel32` reach of the site.
+    #[error("{func} is out of jmp rel32 range of {target:#x}")]
+    OutOfReach {
+        /// The function.
+        func: String,
+        /// The new function's address.
+        target: u64,
+    },
+    /// The site changed between the run-pre check and the write (in the pause).
+    #[error("{func} changed under us at {site:#x}: `{actual}`")]
+    Changed {
+        /// The function.
+        func: String,
+        /// The site's address.
+        site: u64,
+        /// The bytes found, decoded.
+        actual: String,
+    },
+}
+
 /// Checks that the bytes at the patch site are exactly `expected` and that `expected`
-/// covers whole instructions. `what` names the function for the error.
-pub fn check_site(what: &str, site: u64, actual: &[u8], expected: &[u8]) -> Result<(), String> {
+/// covers whole instructions. `func` names the function for the error.
+pub fn check_site(func: &str, site: u64, actual: &[u8], expected: &[u8]) -> Result<(), SiteError> {
     if &actual[..expected.len()] != expected {
-        return Err(format!(
-            "run-pre check failed for {what}: expected `{}` at {site:#x}, the running kernel has `{}`",
-            disasm(expected, site, 2),
-            disasm(actual, site, 3)
-        ));
+        return Err(SiteError::Mismatch {
+            func: func.into(),
+            site,
+            expected: disasm(expected, site, 2),
+            actual: disasm(actual, site, 3),
+        });
     }
     // Instruction boundary: decoding from the site must land exactly on site+len.
     let mut d = Decoder::with_ip(64, actual, site, DecoderOptions::NONE);
@@ -61,17 +115,19 @@ pub fn check_site(what: &str, site: u64, actual: &[u8], expected: &[u8]) -> Resu
     while pos < expected.len() {
         let i = d.decode();
         if i.is_invalid() {
-            return Err(format!(
-                "run-pre check failed for {what}: undecodable bytes at {site:#x}"
-            ));
+            return Err(SiteError::Undecodable {
+                func: func.into(),
+                site,
+            });
         }
         pos += i.len();
     }
     if pos != expected.len() {
-        return Err(format!(
-            "run-pre check failed for {what}: a {}-byte jump at {site:#x} would split an instruction",
-            expected.len()
-        ));
+        return Err(SiteError::SplitsInstruction {
+            func: func.into(),
+            site,
+            len: expected.len(),
+        });
     }
     Ok(())
 }
@@ -95,14 +151,14 @@ mod tests {
         assert!(check_site("f", 0x1000, &good, &FTRACE_NOP).is_ok());
         // A call to an ftrace trampoline instead of the nop: refused, with both decoded.
         let traced = [0xe8, 0x10, 0x20, 0x30, 0x40, 0x55];
-        let e = check_site("f", 0x1000, &traced, &FTRACE_NOP).unwrap_err();
+        let e = check_site("f", 0x1000, &traced, &FTRACE_NOP).unwrap_err().to_string();
         assert!(
             e.contains("expected `nop dword [rax+rax]`") && e.contains("call"),
             "{e}"
         );
         // Bytes match but split an instruction (expected prefix of a longer insn).
         let long = [0x48, 0xb8, 1, 2, 3, 4, 5, 6, 7, 8];
-        let e = check_site("f", 0x1000, &long, &long[..5]).unwrap_err();
+        let e = check_site("f", 0x1000, &long, &long[..5]).unwrap_err().to_string();
         assert!(e.contains("split an instruction"), "{e}");
         assert_eq!(patch_offset(&[0xf3, 0x0f, 0x1e, 0xfa, 0x0f]), 4);
         assert_eq!(patch_offset(&good), 0);

@@ -37,7 +37,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::arch::x86_64::gdt::{
     gdt_entry, idt_gate, kvm_segment_from_gdt, FLAGS_KERNEL_CODE64, FLAGS_KERNEL_DATA, FLAT_LIMIT,
 };
-use crate::arch::x86_64::msr::{read_msrs, write_msr, MSR_KERNEL_GS_BASE, MSR_STAR};
+use crate::arch::x86_64::msr::{read_msrs, write_msr, MsrError, MSR_KERNEL_GS_BASE, MSR_STAR};
 use crate::arch::x86_64::RFLAGS_IF;
 use crate::memory::GuestMem;
 
@@ -74,8 +74,21 @@ pub enum CallError {
     Stopping,
     #[error("building the call area: {0}")]
     Assemble(String),
-    #[error("KVM: {0}")]
-    Kvm(String),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Msr(#[from] MsrError),
+    #[error("unexpected VM exit while completing I/O: {0}")]
+    UnexpectedExit(String),
+    #[error("pausing the vCPUs: {0}")]
+    Pause(#[from] crate::pause::PauseError),
+    #[error("vCPU {0} already has a guest call pending")]
+    Busy(u8),
+    #[error("vCPU {0} did not come back from the call")]
+    NoReturn(u8),
     #[error("guest memory at {0:#x} is not accessible")]
     Memory(u64),
 }
@@ -230,8 +243,8 @@ pub struct SafePoint {
     pub user_ok: bool,
 }
 
-fn kvm_err(e: kvm_ioctls::Error) -> CallError {
-    CallError::Kvm(e.to_string())
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> CallError {
+    move |source| CallError::Kvm { what, source }
 }
 
 /// Finishes the I/O or MMIO of the vCPU's last exit without running guest code (KVM_RUN
@@ -242,10 +255,8 @@ pub fn settle(vcpu: &mut VcpuFd) -> Result<(), CallError> {
     vcpu.set_kvm_immediate_exit(1);
     let r = match vcpu.run() {
         Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Ok(()),
-        Err(e) => Err(kvm_err(e)),
-        Ok(exit) => Err(CallError::Kvm(format!(
-            "unexpected exit while completing I/O: {exit:?}"
-        ))),
+        Err(e) => Err(kvm_err("KVM_RUN (immediate exit)")(e)),
+        Ok(exit) => Err(CallError::UnexpectedExit(format!("{exit:?}"))),
     };
     vcpu.set_kvm_immediate_exit(0);
     r
@@ -266,9 +277,9 @@ pub fn enter(
         why: why.into(),
     };
     settle(vcpu)?;
-    let regs = vcpu.get_regs().map_err(kvm_err)?;
-    let sregs = vcpu.get_sregs().map_err(kvm_err)?;
-    let ev = vcpu.get_vcpu_events().map_err(kvm_err)?;
+    let regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let ev = vcpu.get_vcpu_events().map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
     if ev.exception.injected != 0 || ev.exception.pending != 0 || ev.interrupt.injected != 0 || ev.nmi.injected != 0 {
         return Err(not_safe("an exception or interrupt is being delivered"));
     }
@@ -283,14 +294,13 @@ pub fn enter(
     let mut s = sregs;
     let mut kernel_gs = None;
     if user {
-        let [star, kgs] =
-            read_msrs(vcpu, [MSR_STAR, MSR_KERNEL_GS_BASE]).ok_or_else(|| CallError::Kvm("reading MSR_STAR".into()))?;
+        let [star, kgs] = read_msrs(vcpu, [MSR_STAR, MSR_KERNEL_GS_BASE]).ok_or(MsrError::NotRead(MSR_STAR))?;
         let cs = ((star >> 32) as u16) & !3;
         s.cs = kvm_segment_from_gdt(gdt_entry(FLAGS_KERNEL_CODE64, 0, FLAT_LIMIT), (cs >> 3) as u8);
         s.ss = kvm_segment_from_gdt(gdt_entry(FLAGS_KERNEL_DATA, 0, FLAT_LIMIT), ((cs + 8) >> 3) as u8);
         // swapgs, as the kernel's entry code would do.
         s.gs.base = kgs;
-        write_msr(vcpu, MSR_KERNEL_GS_BASE, sregs.gs.base).map_err(|e| CallError::Kvm(e.to_string()))?;
+        write_msr(vcpu, MSR_KERNEL_GS_BASE, sregs.gs.base)?;
         kernel_gs = Some(kgs);
     }
     (s.idt.base, s.idt.limit) = (area.idt_va(), (VECTORS * 16 - 1) as u16);
@@ -315,7 +325,7 @@ pub fn enter(
     });
     if let Err(e) = set {
         let _ = leave(vcpu, &saved);
-        return Err(kvm_err(e));
+        return Err(kvm_err("setting the call's registers")(e));
     }
     Ok(saved)
 }
@@ -333,7 +343,7 @@ pub enum Step {
 
 /// Interprets an exit on [`PORT_RETURN`] or [`PORT_EXCEPTION`] during a call.
 pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> Result<Step, CallError> {
-    let mut regs = vcpu.get_regs().map_err(kvm_err)?;
+    let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
     if port == PORT_RETURN {
         return Ok(Step::Returned(regs.rax));
     }
@@ -349,7 +359,7 @@ pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> R
     if vector == NMI_VECTOR {
         saved.nmi_held = true;
         regs.rip = saved.entries.nmi_resume;
-        vcpu.set_regs(&regs).map_err(kvm_err)?;
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
         return Ok(Step::Continue);
     }
     let (error_code, frame) = if has_error_code(vector) {
@@ -368,18 +378,18 @@ pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> R
 pub fn leave(vcpu: &mut VcpuFd, saved: &Saved) -> Result<(), CallError> {
     // The trampoline's last `out` is completed first, then the state replaced.
     settle(vcpu)?;
-    vcpu.set_sregs(&saved.sregs).map_err(kvm_err)?;
-    vcpu.set_regs(&saved.regs).map_err(kvm_err)?;
+    vcpu.set_sregs(&saved.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&saved.regs).map_err(kvm_err("KVM_SET_REGS"))?;
     if let Some(kgs) = saved.kernel_gs {
-        write_msr(vcpu, MSR_KERNEL_GS_BASE, kgs).map_err(|e| CallError::Kvm(e.to_string()))?;
+        write_msr(vcpu, MSR_KERNEL_GS_BASE, kgs)?;
     }
     // A vCPU taken from HLT resumes after it: the idle loop sees a spurious wake-up.
     vcpu.set_mp_state(kvm_mp_state {
         mp_state: KVM_MP_STATE_RUNNABLE,
     })
-    .map_err(kvm_err)?;
+    .map_err(kvm_err("KVM_SET_MP_STATE"))?;
     if saved.nmi_held {
-        vcpu.nmi().map_err(kvm_err)?;
+        vcpu.nmi().map_err(kvm_err("KVM_NMI"))?;
     }
     Ok(())
 }

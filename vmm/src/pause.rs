@@ -23,7 +23,7 @@ pub struct VcpuSnapshot {
     pub halted: bool,
 }
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum PauseError {
     #[error("only {parked} of {total} vCPUs parked within {timeout:?}")]
     Timeout {

@@ -58,16 +58,12 @@ pub struct VmGuest {
     user_ok: bool,
 }
 
-fn gerr(e: impl ToString) -> GuestError {
-    GuestError(e.to_string())
-}
-
 impl VmGuest {
     pub fn new(handle: VmHandle, vmlinux: &Vmlinux) -> Result<Self, GuestError> {
         let symbols = handle
             .symbols_arc()
-            .ok_or_else(|| gerr("kernel symbols are not available"))?;
-        let kernel = GuestKernel::new(vmlinux, symbols).map_err(gerr)?;
+            .ok_or_else(|| GuestError::Introspection("kernel symbols are not available".into()))?;
+        let kernel = GuestKernel::new(vmlinux, symbols).map_err(|e| GuestError::Introspection(e.into()))?;
         let region = handle.patch_region();
         let idle = IDLE_FUNCTIONS
             .iter()
@@ -105,7 +101,9 @@ impl VmGuest {
         self.ensure_mapped()?;
         let mut ready = self.call_area_ready.lock().unwrap_or_else(|e| e.into_inner());
         if !*ready {
-            self.call_area.install(self.handle.memory()).map_err(gerr)?;
+            self.call_area
+                .install(self.handle.memory())
+                .map_err(|e| GuestError::Call(e.into()))?;
             *ready = true;
         }
         Ok(())
@@ -116,10 +114,7 @@ impl VmGuest {
     fn guest_call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, CallError> {
         let t0 = Instant::now();
         loop {
-            let paused = self
-                .handle
-                .pause(PAUSE_TIMEOUT)
-                .map_err(|e| CallError::Kvm(e.to_string()))?;
+            let paused = self.handle.pause(PAUSE_TIMEOUT)?;
             let Some(id) = paused.snapshots.iter().find(|s| self.at_safe_point(s)).map(|s| s.id) else {
                 drop(paused);
                 if t0.elapsed() > SAFE_POINT_WAIT {
@@ -140,7 +135,7 @@ impl VmGuest {
                 reply: tx,
             };
             if !self.handle.post_call(id, job) {
-                return Err(CallError::Kvm(format!("vCPU {id} already has a guest call pending")));
+                return Err(CallError::Busy(id));
             }
             drop(paused);
             let result = match rx.recv_timeout(limit) {
@@ -148,9 +143,7 @@ impl VmGuest {
                 Err(RecvTimeoutError::Timeout) => {
                     expired.store(true, std::sync::atomic::Ordering::Release);
                     self.handle.kick(id);
-                    rx.recv_timeout(CALL_STOP_WAIT).unwrap_or(Err(CallError::Kvm(format!(
-                        "vCPU {id} did not come back from the call"
-                    ))))
+                    rx.recv_timeout(CALL_STOP_WAIT).unwrap_or(Err(CallError::NoReturn(id)))
                 }
                 Err(RecvTimeoutError::Disconnected) => Err(CallError::Stopping),
             };
@@ -180,7 +173,7 @@ impl VmGuest {
         if !*m {
             self.kernel
                 .map_high(self.handle.memory(), self.region.gpa, PATCH_REGION_SIZE)
-                .map_err(gerr)?;
+                .map_err(|e| GuestError::Memory(e.into()))?;
             *m = true;
         }
         Ok(())
@@ -193,7 +186,7 @@ impl VmGuest {
         if !*v {
             self.kernel
                 .verify(self.handle.memory())
-                .map_err(|e| gerr(format!("refusing to patch: {e}")))?;
+                .map_err(|e| GuestError::KernelMismatch(e.into()))?;
             *v = true;
         }
         Ok(())
@@ -219,11 +212,16 @@ impl Guest for VmGuest {
     }
 
     fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), GuestError> {
-        self.kernel.virt(self.handle.memory()).read(va, buf).map_err(gerr)
+        self.kernel
+            .virt(self.handle.memory())
+            .read(va, buf)
+            .map_err(|e| GuestError::Memory(e.into()))
     }
 
     fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
-        self.kernel.cpu_caps(self.handle.memory()).map_err(gerr)
+        self.kernel
+            .cpu_caps(self.handle.memory())
+            .map_err(|e| GuestError::Introspection(e.into()))
     }
 
     fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError> {
@@ -231,12 +229,18 @@ impl Guest for VmGuest {
         if self.region.contains_va(va) {
             self.ensure_mapped()?;
         }
-        self.kernel.virt(self.handle.memory()).write(va, data).map_err(gerr)
+        self.kernel
+            .virt(self.handle.memory())
+            .write(va, data)
+            .map_err(|e| GuestError::Memory(e.into()))
     }
 
     fn stop_the_world(&self, f: &mut dyn FnMut(&[VcpuState])) -> Result<Duration, GuestError> {
         let t0 = Instant::now();
-        let paused = self.handle.pause(PAUSE_TIMEOUT).map_err(gerr)?;
+        let paused = self
+            .handle
+            .pause(PAUSE_TIMEOUT)
+            .map_err(|e| GuestError::Pause(e.into()))?;
         let states: Vec<VcpuState> = paused.snapshots.iter().map(Self::state).collect();
         f(&states);
         drop(paused);
@@ -244,7 +248,7 @@ impl Guest for VmGuest {
     }
 
     fn tasks(&self, vcpus: &[VcpuState]) -> Result<Vec<TaskState>, GuestError> {
-        let tasks = list_tasks(&self.kernel, self.handle.memory()).map_err(gerr)?;
+        let tasks = list_tasks(&self.kernel, self.handle.memory()).map_err(|e| GuestError::Introspection(e.into()))?;
         let in_stack = |sp: u64, base: u64| sp >= base && sp < base + THREAD_SIZE;
         let mut out = Vec::with_capacity(tasks.len() + vcpus.len());
         for t in &tasks {
@@ -287,20 +291,27 @@ impl Guest for VmGuest {
 
     fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {
         let virt = self.kernel.virt(self.handle.memory());
-        let first = virt.translate(va).map_err(gerr)?.gpa;
-        let last = virt.translate(va + len.max(1) - 1).map_err(gerr)?.gpa;
+        let first = virt.translate(va).map_err(|e| GuestError::Memory(e.into()))?.gpa;
+        let last = virt
+            .translate(va + len.max(1) - 1)
+            .map_err(|e| GuestError::Memory(e.into()))?
+            .gpa;
         if last != first + len.max(1) - 1 {
-            return Err(gerr(format!(
+            return Err(GuestError::Refused(format!(
                 "object at {va:#x} ({len} bytes) is not physically contiguous"
             )));
         }
         let handler: crate::protect::WriteHandler =
             Arc::new(move |f: &crate::protect::WriteFault| rule(f.gpa as i64 - first as i64, &f.data, f.rip));
-        self.handle.write_protect(first, len, owner, handler).map_err(gerr)
+        self.handle
+            .write_protect(first, len, owner, handler)
+            .map_err(|e| GuestError::Protect(e.into()))
     }
 
     fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
-        self.handle.write_unprotect(owner).map_err(gerr)
+        self.handle
+            .write_unprotect(owner)
+            .map_err(|e| GuestError::Protect(e.into()))
     }
 
     fn patch_region(&self) -> PatchRegion {
@@ -319,15 +330,15 @@ impl Guest for VmGuest {
         self.ensure_call_area()?;
         let lo = self.region.va + PLATFORM_SIZE;
         if func < lo || !self.region.contains_va(func) {
-            return Err(gerr(format!("{func:#x} is not patch code")));
+            return Err(GuestError::Refused(format!("{func:#x} is not patch code")));
         }
         self.guest_call(func, args, limit).map_err(|e| match e {
             CallError::Exception { rip, .. } | CallError::Timeout { rip, .. }
                 if self.kernel.symbols.lookup(rip).is_some() =>
             {
-                gerr(format!("{e} (in {})", self.kernel.symbols.describe(rip)))
+                GuestError::Call(format!("{e} (in {})", self.kernel.symbols.describe(rip)).into())
             }
-            e => gerr(e),
+            e => GuestError::Call(e.into()),
         })
     }
 }
@@ -362,17 +373,34 @@ impl PortListener for UpdatePort {
 
 /// Starts the update server on `api_sock` (and on vsock, when the VM has the device) for
 /// the VM behind `handle`.
+/// Why the update server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The guest kernel could not be introspected.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// The API socket could not be served.
+    #[error("api socket {path}: {source}")]
+    ApiSocket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// What failed.
+        source: std::io::Error,
+    },
+}
+
 pub fn start_server(
     handle: VmHandle,
     vmlinux: &Vmlinux,
     trusted: Vec<ed25519_dalek::VerifyingKey>,
     api_sock: &Path,
-) -> Result<Arc<lucos_update_server::service::UpdateServer>, GuestError> {
+) -> Result<Arc<lucos_update_server::service::UpdateServer>, StartError> {
     let guest = Arc::new(VmGuest::new(handle.clone(), vmlinux)?);
     let server = lucos_update_server::service::UpdateServer::new(guest, trusted);
-    server
-        .serve_unix(api_sock)
-        .map_err(|e| gerr(format!("api socket {}: {e}", api_sock.display())))?;
+    server.serve_unix(api_sock).map_err(|source| StartError::ApiSocket {
+        path: api_sock.into(),
+        source,
+    })?;
     server.start_rechecks(lucos_update_server::service::RECHECK_PERIOD);
     if handle.set_vsock_listener(Arc::new(UpdatePort(server.clone()))) {
         log::info!("update server on vsock port {VSOCK_PORT}");

@@ -27,6 +27,14 @@ pub enum KernelError {
     Walk(#[from] WalkError),
     #[error("the running guest does not match the vmlinux: {0}")]
     Mismatch(String),
+    #[error("patch region {gpa:#x}+{size:#x} cannot be mapped past the kernel image (ends at {kernel_end:#x})")]
+    RegionPlacement { gpa: u64, size: u64, kernel_end: u64 },
+    #[error("no level2_kernel_pgt under init_top_pgt: the kernel's high map is not where lucos expects it")]
+    NoHighMap,
+    #[error("kernel high map entry for {va:#x} is already in use ({entry:#x})")]
+    HighMapInUse { va: u64, entry: u64 },
+    #[error("more than {0} tasks: the task list looks corrupt")]
+    TooManyTasks(usize),
 }
 
 /// Field offsets the task walker needs, from BTF.
@@ -157,9 +165,7 @@ pub fn map_high(mem: &GuestMem, kernel_cr3: u64, kernel_end: u64, gpa: u64, size
     use vm_memory::{Bytes, GuestAddress};
     let va = START_KERNEL_MAP + gpa;
     if va < kernel_end || !gpa.is_multiple_of(SIZE_2M) || !size.is_multiple_of(SIZE_2M) || gpa + size > (1 << 30) {
-        return Err(KernelError::Mismatch(format!(
-            "patch region {gpa:#x}+{size:#x} cannot be mapped past the kernel image (ends at {kernel_end:#x})"
-        )));
+        return Err(KernelError::RegionPlacement { gpa, size, kernel_end });
     }
     let rd = |a: u64| -> Result<u64, KernelError> {
         mem.read_obj(GuestAddress(a))
@@ -169,7 +175,7 @@ pub fn map_high(mem: &GuestMem, kernel_cr3: u64, kernel_end: u64, gpa: u64, size
     let pud = pml4e & PTE_ADDR_MASK;
     let pude = rd(pud + ((va >> 30) & 0x1ff) * 8)?;
     if pml4e & PTE_PRESENT == 0 || pude & PTE_PRESENT == 0 || pude & PTE_PAGE_SIZE != 0 {
-        return Err(KernelError::Mismatch("no level2_kernel_pgt under init_top_pgt".into()));
+        return Err(KernelError::NoHighMap);
     }
     let pmd = pude & PTE_ADDR_MASK;
     for i in 0..size / SIZE_2M {
@@ -181,10 +187,10 @@ pub fn map_high(mem: &GuestMem, kernel_cr3: u64, kernel_end: u64, gpa: u64, size
             continue;
         }
         if cur & PTE_PRESENT != 0 {
-            return Err(KernelError::Mismatch(format!(
-                "kernel high map entry for {:#x} is already in use ({cur:#x})",
-                va + i * SIZE_2M
-            )));
+            return Err(KernelError::HighMapInUse {
+                va: va + i * SIZE_2M,
+                entry: cur,
+            });
         }
         mem.write_obj(want, GuestAddress(slot))
             .map_err(|_| KernelError::Walk(super::WalkError::Memory { gpa: slot }))?;

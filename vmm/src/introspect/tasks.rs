@@ -75,9 +75,7 @@ pub fn list_tasks(k: &GuestKernel, mem: &GuestMem) -> Result<Vec<TaskInfo>, Kern
         loop {
             out.push(read_task(k, &v, t)?);
             if out.len() > MAX_TASKS {
-                return Err(KernelError::Mismatch(format!(
-                    "more than {MAX_TASKS} tasks: list looks corrupt"
-                )));
+                return Err(KernelError::TooManyTasks(MAX_TASKS));
             }
             t = v.read_u64(t + k.tasks.thread_group)? - k.tasks.thread_group;
             if t == leader {

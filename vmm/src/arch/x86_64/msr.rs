@@ -20,8 +20,8 @@ pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MTRR_ENABLE: u64 = 1 << 11;
 const MTRR_MEM_TYPE_WB: u64 = 6;
 
-/// Why an MSR write failed.
-#[derive(Debug, Error)]
+/// Why an MSR access failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum MsrError {
     /// The ioctl failed.
     #[error("KVM_SET_MSRS: {0}")]
@@ -29,6 +29,9 @@ pub enum MsrError {
     /// KVM took the call but not the MSR.
     #[error("KVM_SET_MSRS did not write MSR {0:#x}")]
     NotWritten(u32),
+    /// KVM did not return the MSR.
+    #[error("KVM_GET_MSRS did not read MSR {0:#x}")]
+    NotRead(u32),
 }
 
 /// Reads MSRs `idx` of a vCPU (None if KVM does not return all of them).
