@@ -1,0 +1,261 @@
+//! Unit tests of the patch manager against a fake guest.
+
+use super::transfer::{read_uint, transfer_data, write_uint};
+use super::*;
+use crate::guest::{PatchRegion, TaskState};
+use crate::guest::{VcpuState, WriteRule};
+use crate::module::CallbackKind;
+use crate::runpre::{self, FTRACE_NOP};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Guest memory as a byte map; protection recorded, writes routed through the rule.
+#[derive(Default)]
+struct FakeGuest {
+    mem: Mutex<HashMap<u64, u8>>,
+    rules: Mutex<Vec<(u64, u64, String, WriteRule)>>,
+    fail_protect: bool,
+    calls: Mutex<Vec<(u64, [u64; 2])>>,
+}
+
+const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
+
+impl FakeGuest {
+    /// A guest write of `v` at `addr` from code at `rip`, as the VMM would complete it.
+    fn guest_write(&self, addr: u64, v: u64, rip: u64) {
+        let rules = self.rules.lock().unwrap();
+        let bytes = v.to_le_bytes().to_vec();
+        let out = match rules.iter().find(|r| addr >> 12 == r.0 >> 12) {
+            Some(r) => (r.3)(addr as i64 - r.0 as i64, &bytes, rip),
+            None => bytes,
+        };
+        drop(rules);
+        self.write(addr, &out).unwrap();
+    }
+    fn value(&self, addr: u64) -> u64 {
+        read_uint(self, addr, 8).unwrap()
+    }
+}
+
+impl Guest for FakeGuest {
+    fn symbol(&self, _: &str) -> Option<(u64, u64)> {
+        None
+    }
+    fn describe(&self, a: u64) -> String {
+        format!("{a:#x}")
+    }
+    fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        let m = self.mem.lock().unwrap();
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = *m.get(&(va + i as u64)).unwrap_or(&0);
+        }
+        Ok(())
+    }
+    fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError> {
+        let mut m = self.mem.lock().unwrap();
+        for (i, b) in data.iter().enumerate() {
+            m.insert(va + i as u64, *b);
+        }
+        Ok(())
+    }
+    fn stop_the_world(&self, f: &mut dyn FnMut(&[VcpuState])) -> Result<Duration, GuestError> {
+        f(&[]);
+        Ok(Duration::ZERO)
+    }
+    fn tasks(&self, _: &[VcpuState]) -> Result<Vec<TaskState>, GuestError> {
+        Ok(vec![])
+    }
+    fn patch_region(&self) -> PatchRegion {
+        PatchRegion { va: 0, size: 0 }
+    }
+    fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {
+        if self.fail_protect {
+            return Err(GuestError::Protect("no read-only memslots".into()));
+        }
+        self.rules.lock().unwrap().push((va, len, owner.into(), rule));
+        Ok(())
+    }
+    fn call(&self, func: u64, args: [u64; 2], _: Duration) -> Result<u64, GuestError> {
+        self.calls.lock().unwrap().push((func, args));
+        match func {
+            FAILING_CB => Ok(u64::MAX), // returns -1
+            _ => Ok(0),
+        }
+    }
+    fn readonly_pages(&self) -> u64 {
+        self.rules.lock().unwrap().len() as u64
+    }
+    fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
+        Ok(vec![0; 24])
+    }
+    fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
+        let mut r = self.rules.lock().unwrap();
+        let before = r.len();
+        r.retain(|x| x.2 != owner);
+        if r.len() == before {
+            return Err(GuestError::Protect(format!("no protection for {owner}").into()));
+        }
+        Ok(())
+    }
+}
+
+const OBJ: u64 = 0xffff_ffff_8200_1000;
+const IMAGE: (u64, u64) = (0xffff_ffff_9000_0000, 0xffff_ffff_9000_2000);
+const OLD_CODE: u64 = 0xffff_ffff_8100_0100;
+const NEW_CODE: u64 = IMAGE.0 + 0x40;
+
+fn ms_to_us() -> DataPatch {
+    DataPatch {
+        name: "timeout".into(),
+        addr: OBJ,
+        size: 8,
+        mul: 1000,
+        div: 1,
+        protected: false,
+        faults: Arc::default(),
+        converted: Arc::default(),
+    }
+}
+
+#[test]
+fn apply_converts_value_and_old_code_writes_until_commit() {
+    let g = FakeGuest::default();
+    write_uint(&g, OBJ, 8, 250).unwrap();
+    let d = ms_to_us();
+    transfer_data(&g, std::slice::from_ref(&d), 7, IMAGE, true).unwrap();
+    assert_eq!(g.value(OBJ), 250_000, "current value converted at apply");
+    g.guest_write(OBJ, 500, OLD_CODE);
+    assert_eq!(g.value(OBJ), 500_000, "old code's write converted");
+    g.guest_write(OBJ, 42_000, NEW_CODE);
+    assert_eq!(g.value(OBJ), 42_000, "new code's write stored as is");
+    g.guest_write(OBJ + 8, 3, OLD_CODE);
+    assert_eq!(g.value(OBJ + 8), 3, "a neighbour on the same page is untouched");
+    assert_eq!(d.faults.load(Ordering::Relaxed), 3);
+    assert_eq!(d.converted.load(Ordering::Relaxed), 1);
+    // Commit drops the protection; rollback converts back and protects against the
+    // patch's own code still running.
+    g.unprotect(&owner(7)).unwrap();
+    transfer_data(&g, std::slice::from_ref(&d), 7, IMAGE, false).unwrap();
+    assert_eq!(g.value(OBJ), 42);
+    g.guest_write(OBJ, 9_000, NEW_CODE);
+    assert_eq!(g.value(OBJ), 9);
+    g.guest_write(OBJ, 77, OLD_CODE);
+    assert_eq!(g.value(OBJ), 77);
+}
+
+#[test]
+fn failed_protection_restores_the_value() {
+    let g = FakeGuest {
+        fail_protect: true,
+        ..Default::default()
+    };
+    write_uint(&g, OBJ, 8, 250).unwrap();
+    let e = transfer_data(&g, &[ms_to_us()], 1, IMAGE, true).unwrap_err();
+    assert!(e.to_string().contains("no read-only memslots"), "{e}");
+    assert_eq!(g.value(OBJ), 250, "value restored");
+    assert!(g.rules.lock().unwrap().is_empty(), "nothing left protected");
+}
+
+fn patch_with(callbacks: Vec<PatchCallback>) -> Patch {
+    Patch {
+        id: 1,
+        name: "t".into(),
+        description: String::new(),
+        state: PatchState::Transition,
+        funcs: vec![FuncPatch {
+            old_name: "old".into(),
+            old_addr: OLD_CODE,
+            old_size: 0x40,
+            new_name: "new".into(),
+            new_addr: NEW_CODE,
+            site: OLD_CODE,
+            saved: FTRACE_NOP.to_vec(),
+            jump: runpre::jmp_rel32(OLD_CODE, NEW_CODE).unwrap().to_vec(),
+        }],
+        data: vec![],
+        image_addr: IMAGE.0,
+        image_size: IMAGE.1 - IMAGE.0,
+        warnings: vec![],
+        pause_us: 0,
+        apply_us: 0,
+        applied_at: 0,
+        checks: 0,
+        blockers: vec![],
+        callbacks,
+        callback_log: vec![],
+        thread_watch: HashMap::new(),
+        transition_started: None,
+    }
+}
+
+fn cb(kind: CallbackKind, name: &str, addr: u64) -> PatchCallback {
+    PatchCallback {
+        kind,
+        name: name.into(),
+        addr,
+        limit_ms: 100,
+    }
+}
+
+#[test]
+fn thread_callbacks_run_for_tasks_that_left_old_code_then_commit() {
+    let g = FakeGuest::default();
+    let mut m = Manager::new(&g);
+    let mut p = patch_with(vec![cb(CallbackKind::Thread, "left", 0x1000)]);
+    p.thread_watch.insert(42, 0xffff_8880_0000_4200);
+    m.patches.push(p);
+    // The fake guest has no tasks: task 42 has left the old code.
+    assert_eq!(m.check(&g, 1).unwrap(), PatchState::Committed);
+    assert_eq!(*g.calls.lock().unwrap(), vec![(0x1000, [0xffff_8880_0000_4200, 42])]);
+    let p = m.get(1).unwrap();
+    assert!(p.thread_watch.is_empty());
+    assert!(
+        p.callback_log[0].contains("thread callback 'left' for task 42: returned 0"),
+        "{:?}",
+        p.callback_log
+    );
+}
+
+#[test]
+fn a_failing_thread_callback_rolls_the_patch_back() {
+    let g = FakeGuest::default();
+    let mut m = Manager::new(&g);
+    let mut p = patch_with(vec![cb(CallbackKind::Thread, "bad", FAILING_CB)]);
+    g.write(OLD_CODE, &p.funcs[0].jump).unwrap();
+    p.thread_watch.insert(7, 0x7000);
+    m.patches.push(p);
+    let e = m.check(&g, 1).unwrap_err();
+    assert!(matches!(e, ApplyError::CallbackAborted { id: 1, .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("thread callback 'bad' for task 7 failed: it returned -1"),
+        "{e}"
+    );
+    assert_eq!(m.get(1).unwrap().state, PatchState::RolledBack);
+    let mut site = [0u8; 5];
+    g.read(OLD_CODE, &mut site).unwrap();
+    assert_eq!(site, FTRACE_NOP, "original bytes back");
+}
+
+#[test]
+fn a_failing_revert_callback_is_reported_and_the_rollback_goes_on() {
+    let g = FakeGuest::default();
+    let mut m = Manager::new(&g);
+    let mut p = patch_with(vec![
+        cb(CallbackKind::Apply, "never-here", 0x2000),
+        cb(CallbackKind::Revert, "undo", FAILING_CB),
+    ]);
+    p.state = PatchState::Committed;
+    g.write(OLD_CODE, &p.funcs[0].jump).unwrap();
+    m.patches.push(p);
+    let e = m.rollback(&g, 1).unwrap_err();
+    assert!(matches!(e, ApplyError::RevertCallback { id: 1, .. }), "{e}");
+    assert_eq!(m.get(1).unwrap().state, PatchState::RolledBack);
+    assert_eq!(g.calls.lock().unwrap().len(), 1, "only the revert callback ran");
+    let mut site = [0u8; 5];
+    g.read(OLD_CODE, &mut site).unwrap();
+    assert_eq!(site, FTRACE_NOP, "original bytes back");
+}
