@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{boot, images, vmm};
+use common::boot;
 use std::process::Stdio;
 
 fn uname_release_from_build() -> String {
@@ -89,13 +89,9 @@ fn boots_smp_with_two_vcpus() {
 #[test]
 fn guest_panic_is_reported_with_exit_code_3() {
     // No such init and no /bin/sh in the cpio itself: the kernel panics.
-    let (k, i) = images();
     let _slot = common::guest_slot();
-    let out = vmm()
-        .args(["run", "--no-stdin", "--timeout", "900", "--mem", "256M", "--kernel"])
-        .arg(&k)
-        .arg("--initrd")
-        .arg(&i)
+    let out = common::vmm_run(1, 900)
+        .arg("--no-stdin")
         .args(["--append", "rdinit=/does-not-exist init=/does-not-exist"])
         .stdin(Stdio::null())
         .output()

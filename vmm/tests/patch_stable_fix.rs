@@ -7,9 +7,8 @@
 
 mod common;
 
-use common::api::{call, wait_state, Keys};
-use common::session::{build_patch, tempdir, Session};
-use lucos_update_server::protocol::Op;
+use common::patching::PatchedGuest;
+use common::session::Session;
 
 /// (bytes /proc/self/auxv returned, first entry) after a one-entry PR_SET_MM_AUXV.
 fn probe(s: &mut Session) -> (u64, String) {
@@ -30,34 +29,25 @@ fn probe(s: &mut Session) -> (u64, String) {
 
 #[test]
 fn stable_fix_prctl_auxv_applied_live() {
-    let ko = build_patch("stable-prctl-auxv/lucos_prctl_auxv.ko");
-    let dir = tempdir("patch-stable");
-    let keys = Keys::new(&dir);
-    let signed = keys.sign(&std::fs::read(&ko).unwrap());
-    let sock = dir.join("api.sock");
-    let mut s = Session::boot(1, &keys.vmm_args(&sock));
+    let mut g = PatchedGuest::boot("patch-stable", 1, &[]);
+    let signed = g.signed("stable-prctl-auxv/lucos_prctl_auxv.ko");
 
-    let (bytes, first) = probe(&mut s);
+    let (bytes, first) = probe(&mut g.session);
     assert_eq!(first, "6:4096");
     assert!(
         bytes > 32,
         "the image must carry the bug (stale auxv after the new entry): {bytes} bytes"
     );
 
-    let r = call(&sock, Op::Apply, None, &signed);
-    assert!(r.ok, "{r:?}");
-    let id = r.patches[0].id;
-    eprintln!("apply: {}", r.message);
-    wait_state(&sock, id, "committed");
+    let id = g.apply_committed(&signed);
     assert_eq!(
-        probe(&mut s),
+        probe(&mut g.session),
         (32, "6:4096".to_string()),
         "fixed: the entry and AT_NULL only"
     );
 
-    assert!(call(&sock, Op::Rollback, Some(id), &[]).ok);
-    wait_state(&sock, id, "rolled-back");
-    let (bytes, _) = probe(&mut s);
+    g.rollback(id);
+    let (bytes, _) = probe(&mut g.session);
     assert!(bytes > 32, "rolled back: the bug is back ({bytes} bytes)");
-    assert_eq!(s.shutdown(), Some(0));
+    g.shutdown();
 }

@@ -5,8 +5,8 @@
 
 mod common;
 
-use common::api::{call, wait_state, Keys};
-use common::session::{build_patch, tempdir, Session};
+use common::api::{call, wait_state};
+use common::patching::PatchedGuest;
 use lucos_update_server::protocol::Op;
 
 const CYCLES: usize = 100;
@@ -14,12 +14,9 @@ const VCPUS: u8 = 2;
 
 #[test]
 fn uname_patch_100_apply_rollback_cycles_under_load() {
-    let ko = build_patch("uname/lucos_uname.ko");
-    let dir = tempdir("patch-uname");
-    let keys = Keys::new(&dir);
-    let signed = keys.sign(&std::fs::read(&ko).unwrap());
-    let sock = dir.join("api.sock");
-    let mut s = Session::boot(VCPUS, &keys.vmm_args(&sock));
+    let g = PatchedGuest::boot("patch-uname", VCPUS, &[]);
+    let signed = g.signed("uname/lucos_uname.ko");
+    let mut s = g.session;
 
     let online = s.run("cat /sys/devices/system/cpu/online");
     assert!(online.iter().any(|l| l.trim() == "0-1"), "{online:?}");
@@ -34,14 +31,14 @@ fn uname_patch_100_apply_rollback_cycles_under_load() {
 
     let mut pauses = Vec::new();
     for i in 0..CYCLES {
-        let r = call(&sock, Op::Apply, None, &signed);
+        let r = call(&g.sock, Op::Apply, None, &signed);
         assert!(r.ok, "cycle {i}: apply: {r:?}");
         let id = r.patches[0].id;
         pauses.push(r.patches[0].details.clone());
-        wait_state(&sock, id, "committed");
-        let r = call(&sock, Op::Rollback, Some(id), &[]);
+        wait_state(&g.sock, id, "committed");
+        let r = call(&g.sock, Op::Rollback, Some(id), &[]);
         assert!(r.ok, "cycle {i}: rollback: {r:?}");
-        wait_state(&sock, id, "rolled-back");
+        wait_state(&g.sock, id, "rolled-back");
     }
     eprintln!("last apply: {}", pauses.last().unwrap());
 

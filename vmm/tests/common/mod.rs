@@ -38,8 +38,23 @@ pub fn guest_slot() -> MutexGuard<'static, ()> {
     GUEST.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The `lucos-vmm` binary under test.
 pub fn vmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_lucos-vmm"))
+}
+
+/// `lucos-vmm run` of the test images with `vcpus` vCPUs, 256 MiB and `--timeout secs`:
+/// the one place tests spell out a guest's command line.
+pub fn vmm_run(vcpus: u8, timeout_secs: u64) -> Command {
+    let (k, i) = images();
+    let mut c = vmm();
+    c.args(["run", "--kernel"])
+        .arg(&k)
+        .arg("--initrd")
+        .arg(&i)
+        .args(["--vcpus", &vcpus.to_string(), "--mem", "256M"])
+        .args(["--timeout", &timeout_secs.to_string()]);
+    c
 }
 
 /// `lucos-vmm run --print-config --json` on this host: its KVM, the guest CPU model and
@@ -96,17 +111,11 @@ pub fn boot(vcpus: u8, run: &str, extra: &[&str]) -> Boot {
 
 /// Like [`boot`] with an explicit `--timeout`.
 pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> Boot {
-    let (k, i) = images();
     let _slot = guest_slot();
     let encoded = run.replace(' ', "+");
     assert!(!encoded.contains('"'), "keep guest commands free of double quotes");
-    let out = vmm()
-        .args(["run", "--kernel"])
-        .arg(&k)
-        .arg("--initrd")
-        .arg(&i)
-        .args(["--vcpus", &vcpus.to_string(), "--mem", "256M", "--no-stdin"])
-        .args(["--timeout", &timeout.to_string()])
+    let out = vmm_run(vcpus, timeout)
+        .arg("--no-stdin")
         .arg("--append")
         .arg(format!("lucos.run={encoded}"))
         .args(extra)
@@ -117,4 +126,5 @@ pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> 
 }
 
 pub mod api;
+pub mod patching;
 pub mod session;

@@ -23,14 +23,8 @@ pub struct Session {
 impl Session {
     /// Boots the guest to its shell. `extra` are additional `lucos-vmm run` arguments.
     pub fn boot(vcpus: u8, extra: &[&str]) -> Session {
-        let (k, i) = super::images();
         let slot = super::guest_slot();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_lucos-vmm"))
-            .args(["run", "--kernel"])
-            .arg(&k)
-            .arg("--initrd")
-            .arg(&i)
-            .args(["--vcpus", &vcpus.to_string(), "--mem", "256M", "--timeout", "1800"])
+        let mut child = super::vmm_run(vcpus, 1800)
             .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
