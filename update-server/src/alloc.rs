@@ -3,6 +3,7 @@
 /// Allocation granule.
 pub const PAGE: u64 = 4096;
 
+/// Hands out page-aligned, page-rounded chunks of the patch region, first fit.
 #[derive(Debug, Clone)]
 pub struct RegionAllocator {
     base: u64,
@@ -12,6 +13,7 @@ pub struct RegionAllocator {
 }
 
 impl RegionAllocator {
+    /// An allocator over `[base, base + size)`, all free.
     pub fn new(base: u64, size: u64) -> Self {
         Self {
             base,
@@ -39,10 +41,13 @@ impl RegionAllocator {
         Some(cur)
     }
 
+    /// Frees the chunk that starts at `addr` (one returned by [`alloc`](Self::alloc));
+    /// other addresses are ignored.
     pub fn free(&mut self, addr: u64) {
         self.used.retain(|&(s, _)| s != addr);
     }
 
+    /// Bytes not allocated, in total (they need not be contiguous).
     pub fn free_bytes(&self) -> u64 {
         self.size - self.used.iter().map(|(s, e)| e - s).sum::<u64>()
     }

@@ -30,26 +30,54 @@ const RECORD: usize = 12;
 /// `ALTINSTR_FLAG_INV`: patch when the feature is *absent*.
 const FLAG_INV: u16 = 1 << 15;
 
+/// Why the alternatives of a patch module cannot be applied.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum AltError {
+    /// `.altinstructions` is not a whole number of records; the value is its size in bytes.
     #[error("{ALT_SECTION} is {0} bytes: not a multiple of the {RECORD}-byte record")]
     BadSize(usize),
+    /// A record's site or replacement lies outside the linked patch image.
     #[error("alternative #{index}: {what} at {addr:#x} (+{len}) lies outside the patch image")]
     OutOfImage {
+        /// Record number in `.altinstructions`, from 0.
         index: usize,
+        /// `site` or `replacement`.
         what: &'static str,
+        /// Guest virtual address of that range.
         addr: u64,
+        /// Its length in bytes.
         len: usize,
     },
+    /// A record's feature bit is beyond the capability words of the running kernel.
     #[error("alternative #{index}: feature bit {feature} is beyond the kernel's {words} capability words")]
-    BadFeature { index: usize, feature: u16, words: usize },
+    BadFeature {
+        /// Record number in `.altinstructions`, from 0.
+        index: usize,
+        /// Feature bit (`word * 32 + bit`), without the invert flag.
+        feature: u16,
+        /// Number of capability words the kernel has.
+        words: usize,
+    },
+    /// The replacement cannot be decoded or re-encoded for the site's address.
     #[error("alternative #{index} at {addr:#x}: replacement cannot be re-encoded: {why}")]
-    Encode { index: usize, addr: u64, why: String },
+    Encode {
+        /// Record number in `.altinstructions`, from 0.
+        index: usize,
+        /// Guest virtual address of the site.
+        addr: u64,
+        /// What the decoder or encoder reported.
+        why: String,
+    },
+    /// The re-encoded replacement is longer than the site.
     #[error("alternative #{index} at {addr:#x}: replacement needs {need} bytes, the site has {have}")]
     TooLong {
+        /// Record number in `.altinstructions`, from 0.
         index: usize,
+        /// Guest virtual address of the site.
         addr: u64,
+        /// Bytes the re-encoded replacement takes.
         need: usize,
+        /// Bytes the site has (`instrlen`).
         have: usize,
     },
 }

@@ -40,9 +40,13 @@ pub enum GuestError {
 /// A vCPU's state while the world is stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VcpuState {
+    /// vCPU index, from 0.
     pub id: u8,
+    /// Guest virtual instruction pointer.
     pub rip: u64,
+    /// Guest stack pointer.
     pub rsp: u64,
+    /// CS's privilege level is 0: the vCPU runs kernel code.
     pub kernel_mode: bool,
 }
 
@@ -51,8 +55,11 @@ pub struct VcpuState {
 pub struct TaskState {
     /// Address of the task's `task_struct` (0 for a vCPU's non-task stack).
     pub task: u64,
+    /// Task's pid (-1 for a vCPU's non-task stack).
     pub pid: i32,
+    /// Task's `comm` (command name), or `vCPU N stack` for a non-task stack.
     pub comm: String,
+    /// Scheduler state letter as in `ps` (`R`, `S`, `D`, `T`, `X`, `I`, or `?`).
     pub state: String,
     /// [lo, hi) to scan; None when the task holds no kernel frames (e.g. running in user mode).
     pub scan: Option<(u64, u64)>,
@@ -61,7 +68,9 @@ pub struct TaskState {
 /// The guest-virtual window the VMM reserved for patch code and data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PatchRegion {
+    /// Kernel-virtual start of the window, in the kernel's high map (page aligned).
     pub va: u64,
+    /// Size of the window in bytes: what patches can use.
     pub size: u64,
 }
 
@@ -70,6 +79,8 @@ pub struct PatchRegion {
 /// bytes written and the writer's RIP; returns the bytes to store at the written address.
 pub type WriteRule = Arc<dyn Fn(i64, &[u8], u64) -> Vec<u8> + Send + Sync>;
 
+/// What the update server needs from the VMM: symbols, memory access, stopping the
+/// vCPUs, task lists, write protection and guest calls.
 pub trait Guest: Send + Sync {
     /// Address and size of a guest kernel symbol.
     fn symbol(&self, name: &str) -> Option<(u64, u64)>;

@@ -6,28 +6,56 @@ use thiserror::Error;
 
 use crate::module::{PatchModule, SymbolPlace};
 
+/// Why a patch module cannot be linked at its guest address.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LinkError {
+    /// A kernel symbol the module references is not in the guest kernel's symbol table.
     #[error("unresolved symbol '{0}': not in the module and not in the guest kernel's symbol table")]
     Unresolved(String),
+    /// A relocation refers to a symbol in a section lucos does not load (e.g. `.init.text`).
     #[error("symbol '{name}' is defined in section '{section}', which is not loaded")]
-    NotLoaded { name: String, section: String },
+    NotLoaded {
+        /// The symbol.
+        name: String,
+        /// The section it is defined in.
+        section: String,
+    },
+    /// The module uses a relocation type the linker does not implement.
     #[error("relocation type {r_type} ({name}) is not supported (symbol '{symbol}')")]
     UnsupportedType {
+        /// ELF `r_type`.
         r_type: u32,
+        /// Its name (`R_X86_64_*`, or `unknown`).
         name: &'static str,
+        /// The symbol relocated against.
         symbol: String,
     },
+    /// A relocated value does not fit the relocation's field.
     #[error("relocation against '{symbol}' ({name}) overflows: value {value:#x}")]
     Overflow {
+        /// The symbol relocated against.
         symbol: String,
+        /// The relocation type's name (`R_X86_64_*`).
         name: &'static str,
+        /// The value that does not fit.
         value: i128,
     },
+    /// A relocation's field lies (partly) outside its section.
     #[error("relocation at {section}+{offset:#x} lies outside the section")]
-    OutOfBounds { section: String, offset: u64 },
+    OutOfBounds {
+        /// The section.
+        section: String,
+        /// The relocation's offset in it.
+        offset: u64,
+    },
+    /// The linked image does not fit the free space of the patch region.
     #[error("module needs {need} bytes, the patch region has {have} free")]
-    NoSpace { need: u64, have: u64 },
+    NoSpace {
+        /// Bytes the image needs.
+        need: u64,
+        /// Bytes free in the region.
+        have: u64,
+    },
 }
 
 fn r_name(t: u32) -> &'static str {
@@ -49,7 +77,9 @@ fn r_name(t: u32) -> &'static str {
 /// Section placement: offset of each loaded section from the image start.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
+    /// Offset of each section from the image start, indexed like [`PatchModule::sections`].
     pub offsets: Vec<u64>,
+    /// Image size in bytes, rounded up to a page.
     pub size: u64,
 }
 
@@ -78,8 +108,11 @@ pub fn layout(m: &PatchModule) -> Layout {
 /// A linked module image ready to be copied to `base`.
 #[derive(Debug, Clone)]
 pub struct Linked {
+    /// Guest virtual address the image is linked to run at.
     pub base: u64,
+    /// The linked image: sections at their offsets, relocations applied, zero padding.
     pub image: Vec<u8>,
+    /// Where each section lies in `image`.
     pub layout: Layout,
     /// Kernel symbols the module referenced, resolved.
     pub kernel_refs: Vec<(String, u64)>,

@@ -16,43 +16,89 @@ const DATA_RECORD: usize = NAME_MAX + 16;
 const CALLBACK_RECORD: usize = 8 + 2 * NAME_MAX + 8;
 /// Time limit of a callback that does not set one.
 pub const DEFAULT_CALLBACK_LIMIT: Duration = Duration::from_secs(1);
+/// Version of the lucos record ABI (first word of `.lucos.info`) that this server accepts.
 pub const ABI_VERSION: u32 = 1;
 
+/// Why a `.ko` file is rejected as a patch module.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ModuleError {
+    /// The file is not a well-formed x86-64 ELF relocatable object; the string says why.
     #[error("not an x86-64 ELF relocatable object: {0}")]
     NotElf(String),
+    /// `.lucos.replace` is missing or empty.
     #[error("module has no .lucos.replace records: it replaces nothing (use LUCOS_REPLACE from lucos.h)")]
     NoReplacements,
+    /// A `.lucos.*` section's size is not a whole number of its fixed-size records.
     #[error("malformed {section} section: size {size} is not a multiple of the {record}-byte record")]
-    BadRecords { section: String, size: u64, record: usize },
+    BadRecords {
+        /// Name of the offending section.
+        section: String,
+        /// Its size in bytes.
+        size: u64,
+        /// Record size in bytes expected for that section.
+        record: usize,
+    },
+    /// `.lucos.info` declares an ABI version other than [`ABI_VERSION`].
     #[error("lucos ABI version {0} is not supported (expected {ABI_VERSION})")]
     AbiVersion(u32),
+    /// A record's name field has no NUL within its bytes or is not UTF-8.
     #[error("record field is not a NUL-terminated name")]
     BadName,
+    /// A `.lucos.replace` record names a new function that is not a code symbol of a loaded
+    /// executable section.
     #[error("replacement function '{0}' is not defined in the module's code")]
     NoNewFunction(String),
+    /// The module has a non-empty section (e.g. `__ex_table`) that needs in-kernel
+    /// registration; the string describes what it is for.
     #[error("module uses {0}, which needs in-kernel registration lucos cannot do from outside the guest")]
     Unsupported(String),
+    /// A `.lucos.data` record has a zero multiplier or divisor.
     #[error("data rule for '{name}' scales by {mul}/{div}: both must be non-zero")]
-    BadScale { name: String, mul: u64, div: u64 },
+    BadScale {
+        /// Global the rule is for.
+        name: String,
+        /// Multiplier found in the record.
+        mul: u64,
+        /// Divisor found in the record.
+        div: u64,
+    },
+    /// A `.lucos.callback` record's kind is not 1 (apply), 2 (revert) or 3 (thread).
     #[error("callback record '{name}' has unknown kind {kind}")]
-    BadCallbackKind { name: String, kind: u32 },
+    BadCallbackKind {
+        /// The author's callback function.
+        name: String,
+        /// Kind word found in the record.
+        kind: u32,
+    },
+    /// A callback record's wrapper entry is not a code symbol of the module.
     #[error("callback entry '{0}' is not defined in the module's code")]
     NoCallback(String),
+    /// A relocation's symbol cannot be read, or its target is of an unknown kind.
     #[error("relocation in {section} at {offset:#x}: {what}")]
-    BadRelocation { section: String, offset: u64, what: String },
+    BadRelocation {
+        /// Section being relocated.
+        section: String,
+        /// Offset of the relocation within that section.
+        offset: u64,
+        /// Why it failed.
+        what: String,
+    },
 }
 
 /// A section copied into the guest.
 #[derive(Debug, Clone)]
 pub struct LoadSection {
+    /// Index of the section in the module's ELF file.
     pub index: SectionIndex,
+    /// ELF section name, e.g. `.text` or `.rodata.str1.1`.
     pub name: String,
     /// Contents (zeros for NOBITS).
     pub data: Vec<u8>,
+    /// Required alignment in bytes (`sh_addralign`, at least 1).
     pub align: u64,
+    /// `SHF_EXECINSTR`: the section holds code.
     pub exec: bool,
+    /// `SHF_WRITE`: the section is written at run time.
     pub write: bool,
 }
 
@@ -60,7 +106,12 @@ pub struct LoadSection {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SymbolPlace {
     /// Defined in loaded section `load_idx` at `offset`.
-    Section { load_idx: usize, offset: u64 },
+    Section {
+        /// Index into [`PatchModule::sections`].
+        load_idx: usize,
+        /// Byte offset within that section.
+        offset: u64,
+    },
     /// Undefined: resolved against the guest kernel.
     Kernel(String),
     /// Absolute value.
@@ -74,10 +125,13 @@ pub enum SymbolPlace {
 pub struct Reloc {
     /// Index into `sections` of the section being patched.
     pub load_idx: usize,
+    /// Byte offset in the patched section at which the relocation is applied.
     pub offset: u64,
     /// ELF r_type (R_X86_64_*).
     pub r_type: u32,
+    /// What the relocation refers to.
     pub target: SymbolPlace,
+    /// ELF `r_addend`, added to the target's address.
     pub addend: i64,
     /// Symbol name for messages.
     pub name: String,
@@ -86,9 +140,13 @@ pub struct Reloc {
 /// One `LUCOS_REPLACE` record, with the new function's place in the module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replace {
+    /// Guest kernel function being replaced.
     pub old_name: String,
+    /// Module function that replaces it.
     pub new_name: String,
+    /// Index into [`PatchModule::sections`] of the section holding `new_name`.
     pub new_load_idx: usize,
+    /// Byte offset of `new_name` within that section.
     pub new_offset: u64,
 }
 
@@ -96,8 +154,11 @@ pub struct Replace {
 /// new code.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataRule {
+    /// Guest global (a kernel symbol) whose value is converted when the patch goes in or out.
     pub name: String,
+    /// Numerator of the old-to-new factor; never 0.
     pub mul: u64,
+    /// Denominator of the old-to-new factor; never 0.
     pub div: u64,
 }
 
@@ -153,6 +214,7 @@ pub enum CallbackKind {
 }
 
 impl CallbackKind {
+    /// Lower-case name, as in messages and in the serialized form.
     pub fn as_str(self) -> &'static str {
         match self {
             CallbackKind::Apply => "apply",
@@ -165,13 +227,17 @@ impl CallbackKind {
 /// One callback record, with the wrapper's place in the module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Callback {
+    /// When the callback runs.
     pub kind: CallbackKind,
     /// The author's function (for messages).
     pub name: String,
     /// The wrapper the server calls.
     pub entry: String,
+    /// Index into [`PatchModule::sections`] of the section holding `entry`.
     pub load_idx: usize,
+    /// Byte offset of `entry` within that section.
     pub offset: u64,
+    /// Longest the callback may run in the guest ([`DEFAULT_CALLBACK_LIMIT`] if the record says 0).
     pub limit: Duration,
 }
 
@@ -200,14 +266,21 @@ pub fn parse_callback_records(d: &[u8]) -> Result<Vec<(CallbackKind, String, Str
 /// A parsed patch module.
 #[derive(Debug, Clone)]
 pub struct PatchModule {
+    /// Patch name from `.lucos.info`, or `unnamed` when the module has none.
     pub name: String,
+    /// Free-text description from `.lucos.info` (empty when the module has none).
     pub description: String,
+    /// Allocatable sections copied into the guest, in ELF order; `load_idx` fields index this.
     pub sections: Vec<LoadSection>,
+    /// Relocations to apply to `sections` once they have guest addresses.
     pub relocs: Vec<Reloc>,
+    /// Functions the patch replaces; never empty.
     pub replaces: Vec<Replace>,
     /// Globals whose meaning the patch changes (`LUCOS_DATA_SCALE`).
     pub data: Vec<DataRule>,
+    /// Callbacks from `.lucos.callback`, in record order.
     pub callbacks: Vec<Callback>,
+    /// Non-fatal problems found while parsing (e.g. an ignored `__jump_table`), to show the user.
     pub warnings: Vec<String>,
 }
 

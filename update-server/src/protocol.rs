@@ -23,32 +23,46 @@ pub const MAX_HEADER: u32 = 64 * 1024;
 /// Largest payload accepted (a patch module).
 pub const MAX_PAYLOAD: u64 = 16 * 1024 * 1024;
 
+/// Why a frame could not be read or written.
 #[derive(Debug, Error)]
 pub enum ProtocolError {
+    /// The stream failed or ended early (an `UnexpectedEof` before a header is a clean close).
     #[error("connection: {0}")]
     Io(#[from] std::io::Error),
+    /// The header length exceeds [`MAX_HEADER`]; the value is the length announced.
     #[error("header of {0} bytes exceeds the {MAX_HEADER}-byte limit")]
     HeaderTooLarge(u32),
+    /// The request's `payload_len` exceeds [`MAX_PAYLOAD`].
     #[error("payload of {0} bytes exceeds the {MAX_PAYLOAD}-byte limit")]
     PayloadTooLarge(u64),
+    /// The header is not valid JSON for the expected type.
     #[error("malformed header: {0}")]
     Json(#[from] serde_json::Error),
 }
 
+/// What a request asks for; lower-case in JSON.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Op {
+    /// Apply the signed module carried as payload.
     Apply,
+    /// List every patch of the guest.
     List,
+    /// Report one patch (with `id`) or all of them.
     Status,
+    /// Roll back patch `id`.
     Rollback,
 }
 
+/// A request header; `payload_len` bytes of payload follow it on the stream.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Request {
+    /// What to do.
     pub op: Op,
+    /// Patch the request is about: needed by `rollback`, optional for `status`, ignored otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u32>,
+    /// Bytes of payload following the header: the signed module for `apply`, else 0.
     #[serde(default)]
     pub payload_len: u64,
 }
@@ -56,29 +70,44 @@ pub struct Request {
 /// Summary of one patch, as reported to clients.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PatchInfo {
+    /// Patch number, unique per guest, from 1.
     pub id: u32,
+    /// Name from the module's `.lucos.info`.
     pub name: String,
+    /// State, as [`PatchState::as_str`](crate::manager::PatchState::as_str) writes it.
     pub state: String,
+    /// Guest kernel functions the patch replaces.
     pub functions: Vec<String>,
+    /// Microseconds the vCPUs were stopped to install the jumps.
     pub pause_us: u64,
+    /// Microseconds the whole apply request took.
     pub apply_us: u64,
+    /// Stack inspections run so far.
     pub checks: u32,
+    /// What the last stack inspection found in the waited-on code, as `who in where`.
     pub waiting_on: Vec<String>,
+    /// Multi-line report, as `lucosctl status` prints it.
     pub details: String,
 }
 
+/// The header of a reply.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Response {
+    /// Whether the request succeeded.
     pub ok: bool,
+    /// Outcome of a successful request, for people (may be empty).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// Why the request failed; set only when `ok` is false.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// Patches the request concerns (every patch for `list`, and for `status` without an id).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<PatchInfo>,
 }
 
 impl Response {
+    /// A failed reply carrying `e`'s message.
     pub fn error(e: impl ToString) -> Self {
         Response {
             ok: false,

@@ -7,6 +7,7 @@ use iced_x86::{Decoder, DecoderOptions, Formatter, NasmFormatter};
 pub const FTRACE_NOP: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
 /// `endbr64`, present at function entries with IBT.
 pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+/// Length of the `jmp rel32` written at a patch site.
 pub const JMP_LEN: usize = 5;
 
 /// Where to put the jump in a function that starts with `bytes`: its offset from the

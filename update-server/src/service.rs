@@ -19,12 +19,14 @@ use crate::signing;
 /// How often patches in transition are re-checked.
 pub const RECHECK_PERIOD: Duration = Duration::from_millis(250);
 
+/// Serves update requests for one guest: checks signatures, applies and rolls back patches.
 pub struct UpdateServer {
     guest: Arc<dyn Guest>,
     manager: Mutex<Manager>,
     trusted: Vec<VerifyingKey>,
 }
 
+/// The protocol's view of a patch, for list and status replies.
 pub fn patch_info(p: &Patch) -> PatchInfo {
     PatchInfo {
         id: p.id,
@@ -40,6 +42,7 @@ pub fn patch_info(p: &Patch) -> PatchInfo {
 }
 
 impl UpdateServer {
+    /// A server for `guest` that accepts modules signed by one of the `trusted` keys.
     pub fn new(guest: Arc<dyn Guest>, trusted: Vec<VerifyingKey>) -> Arc<Self> {
         let manager = Mutex::new(Manager::new(guest.as_ref()));
         Arc::new(Self {

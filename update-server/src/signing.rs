@@ -13,21 +13,39 @@ use std::path::Path;
 use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use thiserror::Error;
 
+/// Last 16 bytes of a signed module: marks the signature trailer (and its version).
 pub const MAGIC: &[u8; 16] = b"~lucos-signed-1~";
 const TRAILER: usize = 64 + 32 + 8 + 16;
 
+/// Why a signed module or a key file is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SignError {
+    /// The data is shorter than a trailer or does not end with [`MAGIC`].
     #[error("module is not signed (no lucos signature trailer): sign it with `lucosctl sign`")]
     NotSigned,
+    /// The trailer's module length does not match the bytes in front of the trailer.
     #[error("signed module is truncated or malformed: trailer says {claimed} module bytes, file has {actual}")]
-    Truncated { claimed: u64, actual: u64 },
+    Truncated {
+        /// Module length the trailer records.
+        claimed: u64,
+        /// Bytes actually in front of the trailer.
+        actual: u64,
+    },
+    /// The signer's key is not a trusted one; the string is its fingerprint.
     #[error("module is signed by key {0}, which this VMM does not trust (see --trusted-key)")]
     UntrustedKey(String),
+    /// The signature does not verify against the module bytes.
     #[error("signature does not verify: the module was modified or signed with another key")]
     BadSignature,
+    /// A key file cannot be read, is not hex, does not hold 32 bytes, or is not a valid ed25519
+    /// public key.
     #[error("key file '{path}': {what}")]
-    KeyFile { path: String, what: String },
+    KeyFile {
+        /// The key file's path.
+        path: String,
+        /// What is wrong with it.
+        what: String,
+    },
 }
 
 /// Short fingerprint of a public key (first 8 bytes, hex).
@@ -35,6 +53,7 @@ pub fn fingerprint(key: &VerifyingKey) -> String {
     hex(&key.to_bytes()[..8])
 }
 
+/// Lower-case hex of `b`, two digits per byte (the key file format).
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -62,10 +81,12 @@ fn read_key32(path: &Path) -> Result<[u8; 32], SignError> {
         .map_err(|_| err("expected 32 bytes (64 hex digits)".into()))
 }
 
+/// Reads a private key file: the 32-byte ed25519 seed in hex.
 pub fn load_signing_key(path: &Path) -> Result<SigningKey, SignError> {
     Ok(SigningKey::from_bytes(&read_key32(path)?))
 }
 
+/// Reads a public key file: the 32-byte ed25519 public key in hex.
 pub fn load_verifying_key(path: &Path) -> Result<VerifyingKey, SignError> {
     VerifyingKey::from_bytes(&read_key32(path)?).map_err(|e| SignError::KeyFile {
         path: path.display().to_string(),

@@ -6,16 +6,22 @@ use thiserror::Error;
 
 use crate::host::CpuPolicy;
 
+/// Why a VM configuration is refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    /// A memory size does not parse as a number with an optional K/M/G suffix, or overflows.
     #[error("invalid memory size '{0}': expected a number with an optional K/M/G suffix, e.g. 512M")]
     BadMemSize(String),
+    /// Less than [`MIN_MEM_MIB`] of RAM; the value is the size asked for, in MiB.
     #[error("memory size {0} MiB is too small: the guest needs at least {MIN_MEM_MIB} MiB")]
     MemTooSmall(u64),
+    /// More than [`MAX_MEM_MIB`] of RAM; the value is the size asked for, in MiB.
     #[error("memory size {0} MiB is too large: at most {MAX_MEM_MIB} MiB is supported")]
     MemTooLarge(u64),
+    /// A vCPU count of 0 or more than [`MAX_VCPUS`].
     #[error("vCPU count {0} is out of range: 1..={MAX_VCPUS}")]
     BadVcpus(u8),
+    /// A guest CID outside `3..u32::MAX` (0 to 2 are reserved, `u32::MAX` means any).
     #[error("vsock CID {0} is reserved: guest CIDs are 3..=4294967294")]
     BadVsockCid(u64),
 }
@@ -30,10 +36,16 @@ pub const MAX_VCPUS: u8 = 8;
 /// Everything needed to boot a guest.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
+    /// Path of the guest kernel: an uncompressed vmlinux ELF.
     pub kernel: PathBuf,
+    /// Initrd to load, if any.
     pub initrd: Option<PathBuf>,
+    /// Kernel command line as given; [`kernel_cmdline`](Self::kernel_cmdline) adds the
+    /// device words.
     pub cmdline: String,
+    /// Guest RAM in bytes ([`MIN_MEM_MIB`] to [`MAX_MEM_MIB`] MiB).
     pub mem_bytes: u64,
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
     pub vcpus: u8,
     /// The guest's vsock CID; `None` leaves out the virtio-vsock device.
     pub vsock_cid: Option<u64>,

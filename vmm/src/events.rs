@@ -50,6 +50,7 @@ impl ExitReason {
         }
     }
 
+    /// What happened, for people (a crash report spans several lines).
     pub fn describe(&self) -> String {
         match self {
             ExitReason::Reboot(how) => format!("guest rebooted ({how})"),

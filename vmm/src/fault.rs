@@ -17,9 +17,13 @@ pub const MAX_INSN_LEN: usize = 15;
 /// An instruction read from guest memory at a vCPU's RIP.
 #[derive(Debug, Clone)]
 pub struct DecodedInsn {
+    /// Guest-virtual address of the instruction (CS base added outside 64-bit mode).
     pub rip: u64,
+    /// Its bytes: the instruction's length when decoded, else as many as could be read (up to 15).
     pub bytes: Vec<u8>,
+    /// The decoded instruction, or `None` if the bytes were unreadable or invalid.
     pub insn: Option<Instruction>,
+    /// NASM-syntax text, or a `<...>` note saying why there is none.
     pub text: String,
 }
 

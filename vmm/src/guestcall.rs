@@ -54,41 +54,74 @@ const STACK_TOP_OFF: u64 = AREA_SIZE;
 const VECTORS: u64 = 256;
 const NMI_VECTOR: u64 = 2;
 
+/// Why a guest call (a patch callback run in the guest) failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CallError {
+    /// No vCPU reached a safe point within the wait given.
     #[error("no vCPU reached a safe point (user mode, or idle with interrupts on) within {0:?}")]
     NoSafePoint(std::time::Duration),
+    /// The vCPU picked was not at a safe point after all when the call was entered
+    /// (the caller picks again).
     #[error("vCPU {vcpu} is not at a safe point: {why}")]
-    NotSafe { vcpu: u8, why: String },
+    NotSafe {
+        /// The vCPU.
+        vcpu: u8,
+        /// What made it unsafe.
+        why: String,
+    },
+    /// The callback raised an exception (or enabled interrupts and took one); it was stopped there.
     #[error("the callback raised exception {} (vector {vector}) at {rip:#x}{}", vector_name(*vector), error_code.map(|c| format!(", error code {c:#x}")).unwrap_or_default())]
     Exception {
+        /// Exception vector (see [`vector_name`]).
         vector: u8,
+        /// Guest RIP where it was raised.
         rip: u64,
+        /// Error code the CPU pushed, for the vectors that have one.
         error_code: Option<u64>,
     },
+    /// The callback ran past its time limit and was stopped.
     #[error("the callback did not return within {limit:?} (stopped at {rip:#x})")]
-    Timeout { limit: std::time::Duration, rip: u64 },
+    Timeout {
+        /// The time limit.
+        limit: std::time::Duration,
+        /// Guest RIP where it was stopped.
+        rip: u64,
+    },
+    /// KVM could not run the callback's code (internal error or a fatal exit); the string says
+    /// what happened.
     #[error("the guest could not execute the callback: {0}")]
     Emulation(String),
+    /// The VM is shutting down.
     #[error("the VM is stopping")]
     Stopping,
+    /// The call area's code could not be assembled or does not fit its page.
     #[error("building the call area: {0}")]
     Assemble(String),
+    /// A KVM ioctl on the vCPU failed.
     #[error("{what}: {source}")]
     Kvm {
+        /// The ioctl or step that failed.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// Reading or writing an MSR of the vCPU failed.
     #[error(transparent)]
     Msr(#[from] MsrError),
+    /// Completing the vCPU's last I/O exit ran into another VM exit (described).
     #[error("unexpected VM exit while completing I/O: {0}")]
     UnexpectedExit(String),
+    /// The vCPUs could not be paused to look for a safe point.
     #[error("pausing the vCPUs: {0}")]
     Pause(#[from] crate::pause::PauseError),
+    /// The vCPU picked already has a guest call pending.
     #[error("vCPU {0} already has a guest call pending")]
     Busy(u8),
+    /// The vCPU did not report back after its call was stopped for the time limit.
     #[error("vCPU {0} did not come back from the call")]
     NoReturn(u8),
+    /// Call-area memory at this address is not accessible (guest-physical when installing
+    /// the area, kernel-virtual when reading the private stack).
     #[error("guest memory at {0:#x} is not accessible")]
     Memory(u64),
 }
@@ -136,7 +169,9 @@ fn has_error_code(vector: u64) -> bool {
 /// Where the call area is, in both address spaces (contiguous).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallArea {
+    /// Kernel-virtual start, in the patch region's high-map window.
     pub va: u64,
+    /// Guest-physical start.
     pub gpa: u64,
     /// Kernel code selector for the IDT gates.
     pub kernel_cs: u16,

@@ -19,7 +19,9 @@ pub const ZERO_PAGE_START: u64 = 0x7000;
 pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
 /// Top-level page table (PML4); the PDPT and PD follow it.
 pub const PML4_START: u64 = 0x9000;
+/// Boot page directory pointer table (the first GiB).
 pub const PDPTE_START: u64 = 0xa000;
+/// Boot page directory: 2 MiB pages identity-mapping the first GiB.
 pub const PDE_START: u64 = 0xb000;
 /// Kernel command line.
 pub const CMDLINE_START: u64 = 0x20000;

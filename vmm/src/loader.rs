@@ -14,25 +14,51 @@ use crate::introspect::Vmlinux;
 use crate::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, INITRD_ADDR_MAX};
 use crate::memory::GuestMem;
 
+/// Why the kernel, initrd or command line could not be loaded.
 #[derive(Debug, Error)]
 pub enum LoaderError {
+    /// The kernel file is not a loadable x86-64 ELF (e.g. it is a bzImage).
     #[error(
         "kernel '{path}' is not a loadable x86-64 vmlinux ELF ({source}); pass the uncompressed vmlinux, not a bzImage"
     )]
     BadKernel {
+        /// The kernel file.
         path: PathBuf,
+        /// linux-loader's error.
         source: linux_loader::loader::Error,
     },
+    /// The initrd file cannot be read.
     #[error("cannot read initrd '{path}': {source}")]
-    ReadInitrd { path: PathBuf, source: std::io::Error },
+    ReadInitrd {
+        /// The initrd file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The initrd file is empty.
     #[error("initrd '{path}' is empty")]
-    EmptyInitrd { path: PathBuf },
+    EmptyInitrd {
+        /// The initrd file.
+        path: PathBuf,
+    },
+    /// The initrd does not fit between the kernel's end and the highest address it may end at.
     #[error("initrd of {size} bytes does not fit in guest memory below {limit:#x} after the kernel (ends at {kernel_end:#x}); give the guest more memory")]
-    InitrdTooLarge { size: u64, limit: u64, kernel_end: u64 },
+    InitrdTooLarge {
+        /// Initrd size in bytes.
+        size: u64,
+        /// Address it must end below: the end of low RAM (or the patch region), at most
+        /// `INITRD_ADDR_MAX + 1`.
+        limit: u64,
+        /// First byte after the kernel image.
+        kernel_end: u64,
+    },
+    /// Writing the initrd to guest memory failed.
     #[error("writing initrd to guest memory: {0}")]
     WriteInitrd(vm_memory::GuestMemoryError),
+    /// The command line is not acceptable to the kernel (too long, or invalid characters).
     #[error("kernel command line is invalid: {0}")]
     Cmdline(linux_loader::cmdline::Error),
+    /// Writing the command line to guest memory failed.
     #[error("writing the command line to guest memory: {0}")]
     WriteCmdline(linux_loader::loader::Error),
 }

@@ -7,20 +7,30 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 
 use crate::layout::{MMIO_GAP_END, MMIO_GAP_START};
 
+/// Guest RAM: one region below the 32-bit MMIO hole and, past 3 GiB, one above 4 GiB.
 pub type GuestMem = GuestMemoryMmap<()>;
 
+/// Why guest RAM could not be set up.
 #[derive(Debug, Error)]
 pub enum MemoryError {
+    /// The host could not map the guest's RAM.
     #[error("cannot allocate {size} bytes of guest memory: {source}")]
     Allocate {
+        /// Bytes of RAM asked for.
         size: u64,
+        /// The mmap error.
         source: vm_memory::mmap::FromRangesError,
     },
+    /// KVM refused to register a RAM region as a memslot.
     #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} (gpa {gpa:#x}, {size:#x} bytes) failed: {source}")]
     SetRegion {
+        /// Memslot number.
         slot: u32,
+        /// Guest-physical start.
         gpa: u64,
+        /// Size in bytes.
         size: u64,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
 }

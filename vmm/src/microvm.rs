@@ -16,16 +16,22 @@ use kvm_bindings::{kvm_segment, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
+/// Size of the micro VM's RAM: 2 MiB, identity-mapped.
 pub const MEM: usize = 2 << 20;
 /// PML4 at 0x1000, PDPT 0x2000, PD 0x3000, PT 0x4000.
 pub const PT: u64 = 0x1000;
+/// Where the GDT lives (Linux's selectors, the TSS descriptor at 0x40).
 pub const GDT: u64 = 0x5000;
+/// Where the IDT lives (16-byte gates, one per handler given to [`image`]).
 pub const IDT: u64 = 0x6000;
+/// Where the 64-bit TSS lives; its RSP0 is [`KSTACK`].
 pub const TSS: u64 = 0x7000;
 /// Where guest code conventionally starts.
 pub const KCODE: u64 = 0x8000;
+/// Initial stack pointer, and the TSS's RSP0 for exceptions taken from user mode.
 pub const KSTACK: u64 = 0x30000;
 
+/// Copies `bytes` into the image `m` at offset `at` (panics if they do not fit).
 pub fn put(m: &mut [u8], at: u64, bytes: &[u8]) {
     m[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
 }
@@ -77,23 +83,33 @@ fn linux_gdt() -> [u64; 7] {
     ]
 }
 
+/// A micro VM: one vCPU in long mode over [`MEM`] bytes of RAM.
 pub struct MicroVm {
+    /// The open `/dev/kvm`, kept for the VM's life.
     pub kvm: Kvm,
+    /// The VM.
     pub vm: Arc<VmFd>,
+    /// Its RAM, holding the image.
     pub mem: GuestMem,
+    /// Its only vCPU (id 0), set up to run the entry point at CPL 0.
     pub vcpu: VcpuFd,
 }
 
 /// Why a micro VM could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum MicroVmError {
+    /// A KVM ioctl failed.
     #[error("{what}: {source}")]
     Kvm {
+        /// The ioctl or step that failed.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// Guest memory could not be created or registered.
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    /// The image does not fit guest memory.
     #[error("writing the guest image: {0}")]
     Image(#[from] vm_memory::GuestMemoryError),
 }

@@ -12,10 +12,15 @@ use thiserror::Error;
 /// The registers of a parked vCPU that live-update code needs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VcpuSnapshot {
+    /// vCPU index, from 0.
     pub id: u8,
+    /// Guest RIP where it parked.
     pub rip: u64,
+    /// Guest RSP.
     pub rsp: u64,
+    /// Guest RFLAGS.
     pub rflags: u64,
+    /// Guest CR3: the root of the current address space's page tables.
     pub cr3: u64,
     /// CPL 0 (kernel mode).
     pub kernel_mode: bool,
@@ -23,16 +28,23 @@ pub struct VcpuSnapshot {
     pub halted: bool,
 }
 
+/// Why the vCPUs could not be paused.
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
 pub enum PauseError {
+    /// Not every vCPU parked in time; the pause request was withdrawn.
     #[error("only {parked} of {total} vCPUs parked within {timeout:?}")]
     Timeout {
+        /// vCPUs that had parked.
         parked: usize,
+        /// vCPUs of the VM.
         total: usize,
+        /// The time waited.
         timeout: Duration,
     },
+    /// The VM is stopping.
     #[error("the VM is stopping")]
     Stopping,
+    /// The vCPU threads have not been started yet.
     #[error("the vCPUs are not running yet")]
     NotStarted,
 }
@@ -55,6 +67,7 @@ pub struct PauseControl {
 }
 
 impl PauseControl {
+    /// Control for `vcpus` vCPUs, none paused and no thread known yet.
     pub fn new(vcpus: usize) -> Self {
         let s = Self::default();
         s.state.lock().unwrap().snapshots = vec![None; vcpus];

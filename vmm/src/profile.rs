@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::vm::VmHandle;
 
+/// The sampling thread; [`finish`](Self::finish) stops it and renders the profile.
 pub struct Profiler {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<HashMap<String, u64>>>,

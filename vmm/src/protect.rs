@@ -22,34 +22,61 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::arch::x86_64::PAGE_SIZE;
 use crate::memory::GuestMem;
 
+/// Why a range cannot be write-protected or unprotected.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtectError {
+    /// The range has length 0, or its end overflows the address space.
     #[error("range {start:#x}+{len:#x} is empty")]
-    Empty { start: u64, len: u64 },
+    Empty {
+        /// Guest-physical start asked for.
+        start: u64,
+        /// Length asked for, in bytes.
+        len: u64,
+    },
+    /// The page-rounded range is not inside a single guest RAM region.
     #[error(
         "range {start:#x}..{end:#x} is not inside one guest RAM region (it is outside RAM or spans a memslot boundary)"
     )]
-    NotInOneRegion { start: u64, end: u64 },
+    NotInOneRegion {
+        /// Guest-physical start (page aligned).
+        start: u64,
+        /// Guest-physical end, exclusive (page aligned).
+        end: u64,
+    },
+    /// The range overlaps one already protected (by any owner).
     #[error(
         "range {start:#x}..{end:#x} overlaps range {other_start:#x}..{other_end:#x}, already protected for {owner}"
     )]
     Overlap {
+        /// Guest-physical start of the new range (page aligned).
         start: u64,
+        /// Its end, exclusive.
         end: u64,
+        /// Start of the range already protected.
         other_start: u64,
+        /// Its end, exclusive.
         other_end: u64,
+        /// Owner of that range.
         owner: String,
     },
+    /// `unprotect` was asked for an owner that has no protected range.
     #[error("no protected range belongs to {0}")]
     UnknownOwner(String),
+    /// KVM refused a memslot change.
     #[error("KVM_SET_USER_MEMORY_REGION slot {slot} ({gpa:#x}+{size:#x}, readonly={readonly}) failed: errno {errno}")]
     SetRegion {
+        /// Memslot number.
         slot: u32,
+        /// Guest-physical start of the slot.
         gpa: u64,
+        /// Slot size in bytes (0: the slot was being deleted).
         size: u64,
+        /// Whether the slot was read-only.
         readonly: bool,
+        /// errno from `KVM_SET_USER_MEMORY_REGION`.
         errno: i32,
     },
+    /// Read-only ranges were asked for but KVM lacks `KVM_CAP_READONLY_MEM`.
     #[error("this KVM has no read-only memslots (KVM_CAP_READONLY_MEM)")]
     NoReadonlyMem,
 }
@@ -57,17 +84,24 @@ pub enum ProtectError {
 /// A guest RAM region: guest-physical start, size, host address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RamRegion {
+    /// Guest-physical start.
     pub gpa: u64,
+    /// Size in bytes.
     pub size: u64,
+    /// Host virtual address the region's first byte is mapped at.
     pub host: u64,
 }
 
 /// One KVM memslot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot {
+    /// Guest-physical start (page aligned).
     pub gpa: u64,
+    /// Size in bytes (a multiple of the page size; 0 deletes the slot).
     pub size: u64,
+    /// Host virtual address backing `gpa`.
     pub host: u64,
+    /// `KVM_MEM_READONLY`: guest writes exit as MMIO.
     pub readonly: bool,
 }
 
@@ -142,6 +176,7 @@ impl MemSlots {
         }
     }
 
+    /// The guest RAM regions the slots are cut from.
     pub fn ram(&self) -> &[RamRegion] {
         &self.ram
     }
@@ -213,8 +248,11 @@ impl MemSlots {
 /// A guest write to a protected page, as the handler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriteFault {
+    /// Guest-physical address written.
     pub gpa: u64,
+    /// The bytes the guest wrote (1 to 8, as KVM reports the access).
     pub data: Vec<u8>,
+    /// The vCPU that wrote.
     pub vcpu: u8,
     /// The writer's RIP (the instruction after the write, as KVM reports it on exit).
     pub rip: u64,
@@ -240,6 +278,7 @@ pub struct WriteProtect {
 }
 
 impl WriteProtect {
+    /// Protection over `slots`, with nothing protected yet.
     pub fn new(slots: MemSlots) -> Self {
         Self {
             slots,

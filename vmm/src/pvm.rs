@@ -45,16 +45,24 @@ pub const PVM_NATIVE_PARAM: &str = "/sys/module/kvm_pvm/parameters/pvm_native";
 /// The high map is built from 2 MiB pages.
 const MAP_GRANULE: u64 = 2 << 20;
 
+/// Why the PVM syscall shim could not be built or installed.
 #[derive(Debug, Error)]
 pub enum PvmError {
+    /// A kernel symbol the shim needs (`idt_table`, `asm_exc_page_fault`, `init_top_pgt`, `_end`)
+    /// is not in the vmlinux.
     #[error("kernel symbol '{0}' not found in the vmlinux (needed for the PVM syscall shim)")]
     NoSymbol(&'static str),
+    /// The shim's code could not be assembled.
     #[error("assembling the PVM syscall shim: {0}")]
     Assemble(String),
+    /// Guest memory at this guest-physical address (shim page or #PF gate) is not accessible.
     #[error("guest memory at {0:#x} is not accessible")]
     Memory(u64),
+    /// The shim page could not be mapped in the kernel's high map.
     #[error("mapping the shim page: {0}")]
     Map(#[from] KernelError),
+    /// The kernel's #PF handler (the value) is not within 4 GiB of the shim, so the gate's upper
+    /// half cannot stay as it is.
     #[error("idt_table[14] points at {0:#x}: its upper half differs from the shim's")]
     FarHandler(u64),
 }
@@ -68,12 +76,14 @@ pub struct ShimParams {
     pub lstar: u64,
     /// Kernel CS and SS as `syscall` loads them from MSR_STAR[47:32].
     pub kernel_cs: u16,
+    /// Kernel SS: kernel CS + 8, as `syscall` loads it.
     pub kernel_ss: u16,
     /// The guest's own page-fault handler.
     pub pf_handler: u64,
 }
 
 impl ShimParams {
+    /// Parameters for a shim at `va`, with the kernel selectors taken from MSR_STAR (`star`).
     pub fn from_star(va: u64, lstar: u64, star: u64, pf_handler: u64) -> Self {
         let cs = ((star >> 32) as u16) & !3;
         Self {
@@ -148,6 +158,7 @@ impl SyscallShim {
         })
     }
 
+    /// True until a vCPU thread has tried to install the shim.
     pub fn pending(&self) -> bool {
         self.state.load(Ordering::Acquire) == PENDING
     }

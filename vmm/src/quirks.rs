@@ -55,6 +55,7 @@ impl Quirks {
         }
     }
 
+    /// Whether the software-KVM workarounds are on (PVM host, or an `int3` emulation failure seen).
     pub fn armed(&self) -> bool {
         self.armed.load(Ordering::Acquire)
     }

@@ -9,20 +9,35 @@ use thiserror::Error;
 
 use crate::introspect::Vmlinux;
 
+/// Why the vmlinux's symbol table could not be read.
 #[derive(Debug, Error)]
 pub enum SymbolError {
+    /// The file is not ELF, or its symbol table does not parse.
     #[error("'{path}' is not an ELF file with a symbol table: {source}")]
-    Parse { path: PathBuf, source: object::Error },
+    Parse {
+        /// The vmlinux.
+        path: PathBuf,
+        /// The ELF parser's error.
+        source: object::Error,
+    },
+    /// The file has no usable symbol (no function or object at a non-zero address).
     #[error("'{path}' has no symbols (built without KALLSYMS/stripped?)")]
-    Empty { path: PathBuf },
+    Empty {
+        /// The vmlinux.
+        path: PathBuf,
+    },
 }
 
 /// One symbol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Symbol {
+    /// Name, as in `.symtab`.
     pub name: String,
+    /// Kernel-virtual address.
     pub addr: u64,
+    /// Size in bytes (0 when the symbol table gives none).
     pub size: u64,
+    /// A function (`STT_FUNC`).
     pub is_func: bool,
 }
 
@@ -72,14 +87,17 @@ impl SymbolTable {
         Self { by_addr: syms, by_name }
     }
 
+    /// Number of symbols.
     pub fn len(&self) -> usize {
         self.by_addr.len()
     }
 
+    /// True when there is no symbol.
     pub fn is_empty(&self) -> bool {
         self.by_addr.is_empty()
     }
 
+    /// The symbol called `name` (the lowest-addressed one when several share the name).
     pub fn get(&self, name: &str) -> Option<&Symbol> {
         self.by_name.get(name).map(|&i| &self.by_addr[i])
     }

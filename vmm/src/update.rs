@@ -59,6 +59,8 @@ pub struct VmGuest {
 }
 
 impl VmGuest {
+    /// The VM behind `handle` as the update server sees it, with struct layouts and
+    /// `linux_banner` from the `vmlinux` it booted; fails without kernel symbols or BTF.
     pub fn new(handle: VmHandle, vmlinux: &Vmlinux) -> Result<Self, GuestError> {
         let symbols = handle
             .symbols_arc()
@@ -371,8 +373,6 @@ impl PortListener for UpdatePort {
     }
 }
 
-/// Starts the update server on `api_sock` (and on vsock, when the VM has the device) for
-/// the VM behind `handle`.
 /// Why the update server did not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -389,6 +389,8 @@ pub enum StartError {
     },
 }
 
+/// Starts the update server on `api_sock` (and on vsock, when the VM has the device) for
+/// the VM behind `handle`.
 pub fn start_server(
     handle: VmHandle,
     vmlinux: &Vmlinux,

@@ -52,15 +52,23 @@ pub fn register_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 
 /// State shared by all vCPU threads.
 pub struct VcpuShared {
+    /// Guest physical memory.
     pub mem: GuestMem,
+    /// Devices on I/O ports (serial, i8042).
     pub pio: Bus,
+    /// Devices on MMIO (the virtio-mmio vsock device).
     pub mmio: Bus,
     /// Where the vsock device looks for the host-side listener (None: no vsock device).
     pub vsock_listener: Option<ListenerSlot>,
+    /// Where vCPU threads and devices report reset, power-off, panic and crash to the main thread.
     pub events: Sender<VmEvent>,
+    /// Set when the VM is stopping: every vCPU thread leaves its run loop.
     pub stop: AtomicBool,
+    /// The guest kernel's symbols, for fault reports (None when the vmlinux has no symbol table).
     pub symbols: Option<Arc<SymbolTable>>,
+    /// Parks the vCPUs outside KVM_RUN on request (stop the world).
     pub pause: PauseControl,
+    /// Workarounds for the host's KVM (PVM), applied after each exit.
     pub quirks: crate::quirks::Quirks,
     /// Write-protected guest pages (data patches).
     pub protect: crate::protect::WriteProtect,
@@ -72,13 +80,19 @@ pub struct VcpuShared {
 
 /// A guest call for one vCPU (see [`crate::guestcall`]).
 pub struct CallJob {
+    /// Kernel-virtual address of the function to call.
     pub func: u64,
+    /// Its two arguments (passed in RDI and RSI).
     pub args: [u64; 2],
+    /// The call area to run it in.
     pub area: CallArea,
+    /// What counts as a safe point for this call.
     pub safe: SafePoint,
+    /// How long the call may run before it is stopped.
     pub limit: Duration,
     /// Set by the waiter when `limit` has passed (then the vCPU is kicked).
     pub expired: Arc<AtomicBool>,
+    /// Where the vCPU sends the function's return value (RAX) or why the call failed.
     pub reply: Sender<Result<u64, CallError>>,
 }
 
@@ -90,6 +104,7 @@ pub struct CallMailbox {
 }
 
 impl CallMailbox {
+    /// A mailbox for `vcpus` vCPUs, with no job posted.
     pub fn new(vcpus: usize) -> Self {
         Self {
             pending: AtomicBool::new(false),
@@ -136,7 +151,9 @@ pub fn kick_thread(thread: libc::pthread_t) {
 
 /// One vCPU.
 pub struct Vcpu {
+    /// vCPU index, from 0 (the KVM vCPU id).
     pub id: u8,
+    /// The KVM vCPU.
     pub fd: VcpuFd,
     shared: Arc<VcpuShared>,
 }
@@ -160,6 +177,7 @@ enum Next {
 }
 
 impl Vcpu {
+    /// vCPU `id` over `fd`; nothing runs until [`spawn`](Self::spawn).
     pub fn new(id: u8, fd: VcpuFd, shared: Arc<VcpuShared>) -> Self {
         Self { id, fd, shared }
     }

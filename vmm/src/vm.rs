@@ -41,37 +41,59 @@ use crate::vcpu::{self, Vcpu, VcpuShared};
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
+/// Why the VM could not be built or started.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// The configuration is invalid.
     #[error("invalid configuration: {0}")]
     Config(#[from] ConfigError),
+    /// `/dev/kvm` cannot be opened.
     #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
     OpenKvm(kvm_ioctls::Error),
+    /// KVM lacks a capability lucos-vmm needs (irqchip, PIT, irqfd, immediate exit, ...).
     #[error("KVM lacks a required capability: {0:?}")]
     MissingCap(Cap),
+    /// A KVM ioctl failed while building the VM.
     #[error("{what} failed: {source}")]
     Kvm {
+        /// The ioctl or step that failed.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// Guest memory could not be created or registered.
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
+    /// The kernel, initrd or command line could not be loaded.
     #[error(transparent)]
     Loader(#[from] loader::LoaderError),
+    /// The boot parameters (zero page, e820 map) could not be built or written.
     #[error(transparent)]
     Params(#[from] params::ParamsError),
+    /// The MP table could not be written.
     #[error(transparent)]
     Mptable(#[from] mptable::MptableError),
+    /// Setting up a vCPU's registers failed.
     #[error("vCPU {cpu} setup: {source}")]
-    Regs { cpu: u8, source: regs::RegsError },
+    Regs {
+        /// The vCPU.
+        cpu: u8,
+        /// What failed.
+        source: regs::RegsError,
+    },
+    /// The boot page tables could not be written to guest memory.
     #[error("writing boot page tables: {0}")]
     PageTables(vm_memory::GuestMemoryError),
+    /// An eventfd for a device interrupt could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// A vCPU thread could not be spawned.
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
+    /// The signal handler that kicks vCPUs out of KVM_RUN could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    /// A device could not be put on its bus (overlapping or empty range).
     #[error("device setup: {0}")]
     Bus(#[from] BusError),
 }
@@ -397,14 +419,17 @@ pub struct VmHandle {
 }
 
 impl VmHandle {
+    /// Guest physical memory.
     pub fn memory(&self) -> &GuestMem {
         &self.shared.mem
     }
 
+    /// The guest kernel's symbols, if the vmlinux had a symbol table.
     pub fn symbols(&self) -> Option<&SymbolTable> {
         self.shared.symbols.as_deref()
     }
 
+    /// The guest kernel's symbols, shared, if the vmlinux had a symbol table.
     pub fn symbols_arc(&self) -> Option<Arc<SymbolTable>> {
         self.shared.symbols.clone()
     }

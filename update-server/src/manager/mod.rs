@@ -40,47 +40,103 @@ pub use patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchState}
 /// How often a pause is retried when a vCPU sits on a patch site.
 const SITE_RETRIES: usize = 50;
 
+/// Why applying, checking or rolling back a patch failed.
 #[derive(Debug, Error)]
 pub enum ApplyError {
+    /// The patch module is malformed.
     #[error("invalid patch module: {0}")]
     Module(#[from] ModuleError),
+    /// Linking the module at its place in the patch region failed.
     #[error("linking failed: {0}")]
     Link(#[from] LinkError),
+    /// Patching the module's alternatives for the guest's CPU failed.
     #[error("alternatives: {0}")]
     Alternatives(#[from] AltError),
+    /// A function the module replaces is not in the guest kernel's symbol table.
     #[error("function '{0}' not found in the guest kernel's symbol table")]
     NoOldFunction(String),
+    /// A function to replace is shorter than the jump plus 4 bytes.
     #[error("function '{name}' is {size} bytes, too small for a {JMP_LEN}-byte jump")]
-    TooSmall { name: String, size: u64 },
+    TooSmall {
+        /// The function.
+        name: String,
+        /// Its size in bytes, from the kernel's symbol table.
+        size: u64,
+    },
+    /// The module replaces the same function twice.
     #[error("the module replaces '{0}' twice")]
     Duplicate(String),
+    /// A patch site does not hold the expected bytes, or the new code is out of `jmp rel32` reach.
     #[error(transparent)]
     RunPre(#[from] SiteError),
+    /// The patch region has too little free space for the linked image.
     #[error("patch region full: need {need} bytes, {free} free")]
-    NoSpace { need: u64, free: u64 },
+    NoSpace {
+        /// Bytes the image needs (whole pages).
+        need: u64,
+        /// Bytes still free in the region (possibly fragmented).
+        free: u64,
+    },
+    /// Reading, writing, pausing or protecting the guest failed.
     #[error("guest access failed: {0}")]
     Guest(#[from] GuestError),
+    /// A vCPU was still inside a patch site after `SITE_RETRIES` pauses; the string says which.
     #[error("a vCPU kept executing a patch site after {SITE_RETRIES} tries: {0}")]
     Busy(String),
+    /// A global named by a data rule is not in the guest kernel's symbol table.
     #[error("data object '{0}' not found in the guest kernel's symbol table")]
     NoDataObject(String),
+    /// A global named by a data rule cannot be converted: it lies in kernel text or read-only
+    /// data, is not a 4- or 8-byte integer, or shares a page with another global of the patch.
     #[error("data object '{name}' at {addr:#x} ({size} bytes) cannot be patched: {why}")]
     BadDataObject {
+        /// The global.
         name: String,
+        /// Its guest virtual address.
         addr: u64,
+        /// Its size in bytes, from the kernel's symbol table.
         size: u64,
+        /// Which of the conditions above failed.
         why: String,
     },
+    /// No patch has this id.
     #[error("no patch with id {0}")]
     NoSuchPatch(u32),
+    /// Rollback was asked for a patch that is already rolling back or rolled back.
     #[error("patch {id} is already {state}")]
-    WrongState { id: u32, state: &'static str },
+    WrongState {
+        /// The patch.
+        id: u32,
+        /// Its current state ([`PatchState::as_str`]).
+        state: &'static str,
+    },
+    /// An apply or thread callback failed; the patch was rolled back.
     #[error("patch {id}: {what}; the patch was rolled back")]
-    CallbackAborted { id: u32, what: String },
+    CallbackAborted {
+        /// The patch.
+        id: u32,
+        /// Which callback failed and how (and whether rolling back failed too).
+        what: String,
+    },
+    /// A revert callback failed after the original code was restored; the rollback stands.
     #[error("patch {id}: original code restored, but {what}")]
-    RevertCallback { id: u32, what: String },
+    RevertCallback {
+        /// The patch.
+        id: u32,
+        /// Which callback failed and how.
+        what: String,
+    },
+    /// Rollback was asked for a patch that a newer patch stacks on; the newer one must be
+    /// rolled back first.
     #[error("patch {id} cannot be rolled back before patch {newer}, which replaces '{func}' on top of it")]
-    NotTopmost { id: u32, newer: u32, func: String },
+    NotTopmost {
+        /// The patch asked to roll back.
+        id: u32,
+        /// The newer patch whose jump sits on top of it.
+        newer: u32,
+        /// A function both patches replace.
+        func: String,
+    },
 }
 
 /// The owner name of a patch's write protections.
@@ -98,6 +154,7 @@ pub struct Manager {
 }
 
 impl Manager {
+    /// A manager with no patches, allocating patch memory from `g`'s patch region.
     pub fn new(g: &dyn Guest) -> Self {
         let r = g.patch_region();
         Self {
@@ -108,10 +165,12 @@ impl Manager {
         }
     }
 
+    /// Every patch applied so far, in id order, rolled-back ones included.
     pub fn patches(&self) -> &[Patch] {
         &self.patches
     }
 
+    /// The patch with id `id`, or [`ApplyError::NoSuchPatch`].
     pub fn get(&self, id: u32) -> Result<&Patch, ApplyError> {
         self.patches
             .iter()

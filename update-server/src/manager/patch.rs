@@ -11,16 +11,22 @@ use serde::Serialize;
 
 use crate::module::{CallbackKind, DataRule};
 
+/// Where a patch is in its life (see the [`manager`](super) docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PatchState {
+    /// Jumps installed; some vCPU or task may still run an old function.
     Transition,
+    /// No vCPU and no task stack refers to an old function any more: the update is complete.
     Committed,
+    /// Original bytes restored; some thread may still run the patch's code, which stays allocated.
     RollingBack,
+    /// Rolled back, and the patch's memory freed.
     RolledBack,
 }
 
 impl PatchState {
+    /// Kebab-case name, as in status output and the serialized form (e.g. `rolling-back`).
     pub fn as_str(self) -> &'static str {
         match self {
             PatchState::Transition => "transition",
@@ -34,24 +40,38 @@ impl PatchState {
 /// One redirected function.
 #[derive(Debug, Clone, Serialize)]
 pub struct FuncPatch {
+    /// Guest kernel function being replaced.
     pub old_name: String,
+    /// Guest virtual address of the old function, from the kernel's symbol table.
     pub old_addr: u64,
+    /// Size of the old function in bytes: `[old_addr, old_addr + old_size)` is what stack
+    /// inspection waits on.
     pub old_size: u64,
+    /// Replacement function in the patch module.
     pub new_name: String,
+    /// Guest virtual address of the replacement, in the patch image.
     pub new_addr: u64,
     /// Where the jump is written (old_addr, or after an endbr64).
     pub site: u64,
+    /// The [`JMP_LEN`](crate::runpre::JMP_LEN) bytes the site held before: ftrace's nop,
+    /// or the jump of the patch this one stacks on; written back on rollback.
     pub saved: Vec<u8>,
+    /// The `jmp rel32` from `site` to `new_addr`.
     pub jump: Vec<u8>,
 }
 
 /// A global whose meaning the patch changes (`LUCOS_DATA_SCALE`).
 #[derive(Debug, Clone, Serialize)]
 pub struct DataPatch {
+    /// Guest global being converted.
     pub name: String,
+    /// Its guest virtual address.
     pub addr: u64,
+    /// Its size in bytes: 4 or 8.
     pub size: u64,
+    /// Numerator of the old-to-new factor (`LUCOS_DATA_SCALE`); never 0.
     pub mul: u64,
+    /// Denominator of the old-to-new factor; never 0.
     pub div: u64,
     /// Write-protected right now (during a transition).
     pub protected: bool,
@@ -76,7 +96,9 @@ impl DataPatch {
 /// Who still runs code that blocks a transition.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Blocker {
+    /// The vCPU (`vCPU N`) or task (`task PID (comm, state)`) found in the code.
     pub who: String,
+    /// The code range it is in and where exactly (symbol and offset of the RIP or stack word).
     pub at: String,
     /// The task's pid and `task_struct` (None for a vCPU).
     #[serde(skip)]
@@ -86,9 +108,13 @@ pub struct Blocker {
 /// A callback of a patch, linked.
 #[derive(Debug, Clone, Serialize)]
 pub struct PatchCallback {
+    /// When the callback runs.
     pub kind: CallbackKind,
+    /// The author's function, for messages.
     pub name: String,
+    /// Guest virtual address of the wrapper the server calls, in the patch image.
     pub addr: u64,
+    /// Longest the callback may run in the guest, in milliseconds.
     pub limit_ms: u64,
 }
 
@@ -98,24 +124,38 @@ impl PatchCallback {
     }
 }
 
+/// A patch applied to the guest, in whatever state it is now; kept until the VM stops.
 #[derive(Debug, Clone, Serialize)]
 pub struct Patch {
+    /// Patch number, unique per guest, starting at 1 and never reused.
     pub id: u32,
+    /// Name from the module's `.lucos.info` (`unnamed` without one).
     pub name: String,
+    /// Description from the module's `.lucos.info` (may be empty).
     pub description: String,
+    /// Where the patch is in its life.
     pub state: PatchState,
+    /// The functions it redirects, in `.lucos.replace` order.
     pub funcs: Vec<FuncPatch>,
+    /// The globals it converts (`LUCOS_DATA_SCALE`).
     pub data: Vec<DataPatch>,
+    /// Guest virtual address of the linked code and data, in the patch region.
     pub image_addr: u64,
+    /// Size of that image in bytes (whole pages).
     pub image_size: u64,
+    /// Non-fatal problems found while parsing the module.
     pub warnings: Vec<String>,
     /// µs the vCPUs were stopped to install the jumps.
     pub pause_us: u64,
     /// µs for the whole apply request.
     pub apply_us: u64,
+    /// When it was applied, in seconds since the Unix epoch.
     pub applied_at: u64,
+    /// Number of stack inspections run for it so far.
     pub checks: u32,
+    /// What kept the last stack inspection from finishing the transition (empty when nothing did).
     pub blockers: Vec<Blocker>,
+    /// Its callbacks, with their guest addresses.
     pub callbacks: Vec<PatchCallback>,
     /// What the callbacks did, in order (for status).
     pub callback_log: Vec<String>,
@@ -123,11 +163,13 @@ pub struct Patch {
     /// yet: pid -> task_struct.
     #[serde(skip)]
     pub thread_watch: HashMap<i32, u64>,
+    /// When the transition started (set on apply); not serialized.
     #[serde(skip)]
     pub transition_started: Option<Instant>,
 }
 
 impl Patch {
+    /// One line for `list`: id, state, name and the replaced functions.
     pub fn summary(&self) -> String {
         let funcs: Vec<&str> = self.funcs.iter().map(|f| f.old_name.as_str()).collect();
         format!(
@@ -139,6 +181,7 @@ impl Patch {
         )
     }
 
+    /// Multi-line report for `status`: functions, data, timings, callbacks, blockers and warnings.
     pub fn details(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "patch {} '{}': {}", self.id, self.name, self.state.as_str());

@@ -24,13 +24,34 @@ pub trait BusDevice: Send {
 pub enum BusError {
     /// The range has no bytes.
     #[error("{bus} range {base:#x}+{len:#x} is empty")]
-    Empty { bus: &'static str, base: u64, len: u64 },
+    Empty {
+        /// `port` or `MMIO`.
+        bus: &'static str,
+        /// Start of the range.
+        base: u64,
+        /// Its length, 0 here.
+        len: u64,
+    },
     /// The range runs past the end of the address space.
     #[error("{bus} range {base:#x}+{len:#x} runs past the end of the address space")]
-    Wraps { bus: &'static str, base: u64, len: u64 },
+    Wraps {
+        /// `port` or `MMIO`.
+        bus: &'static str,
+        /// Start of the range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
     /// The range overlaps a device already on the bus.
     #[error("{bus} range {base:#x}+{len:#x} overlaps an existing device")]
-    Overlap { bus: &'static str, base: u64, len: u64 },
+    Overlap {
+        /// `port` or `MMIO`.
+        bus: &'static str,
+        /// Start of the range.
+        base: u64,
+        /// Its length.
+        len: u64,
+    },
 }
 
 struct Range {

@@ -13,11 +13,13 @@ pub const I8042_LEN: u64 = 5;
 const CMD_OFFSET: u64 = 4;
 const CMD_RESET_CPU: u8 = 0xfe;
 
+/// The i8042 keyboard controller, reduced to what Linux uses to reboot: the CPU reset command.
 pub struct I8042 {
     events: Sender<VmEvent>,
 }
 
 impl I8042 {
+    /// A controller that reports a reset request on `events`.
     pub fn new(events: Sender<VmEvent>) -> Self {
         Self { events }
     }

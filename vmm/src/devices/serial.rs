@@ -31,10 +31,13 @@ pub struct ConsoleOut {
     events: Sender<VmEvent>,
 }
 
+/// The kernel's panic line; seeing it sends [`VmEvent::Panic`] with the line.
 pub const PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// The kernel's power-off line; seeing it sends [`VmEvent::PowerOff`].
 pub const POWER_DOWN_MARKER: &str = "reboot: Power down";
 
 impl ConsoleOut {
+    /// Output to `out`, with guest events sent on `events`.
     pub fn new(out: Box<dyn Write + Send>, events: Sender<VmEvent>) -> Self {
         Self {
             out,
@@ -74,6 +77,7 @@ impl Write for ConsoleOut {
     }
 }
 
+/// The 16550A UART of COM1 as lucos-vmm wires it.
 pub type SerialDevice = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 
 /// Port-I/O adapter for the vm-superio serial.

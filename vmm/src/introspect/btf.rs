@@ -9,20 +9,46 @@ use thiserror::Error;
 
 use super::Vmlinux;
 
+/// Why kernel struct layouts could not be read from the vmlinux's BTF.
 #[derive(Debug, Error)]
 pub enum BtfError {
+    /// The vmlinux, or its `.BTF` section, cannot be read as ELF.
     #[error("'{path}' is not an ELF file: {source}")]
-    Elf { path: PathBuf, source: object::Error },
+    Elf {
+        /// The vmlinux.
+        path: PathBuf,
+        /// The ELF parser's error.
+        source: object::Error,
+    },
+    /// The vmlinux has no `.BTF` section (kernel built without `CONFIG_DEBUG_INFO_BTF`).
     #[error("'{path}' has no .BTF section: build the guest kernel with CONFIG_DEBUG_INFO_BTF=y (needs pahole)")]
-    Missing { path: PathBuf },
+    Missing {
+        /// The vmlinux.
+        path: PathBuf,
+    },
+    /// The `.BTF` section does not parse.
     #[error("the .BTF section of '{path}' is invalid: {source}")]
-    Parse { path: PathBuf, source: btf_rs::Error },
+    Parse {
+        /// The vmlinux.
+        path: PathBuf,
+        /// The BTF parser's error.
+        source: btf_rs::Error,
+    },
+    /// The BTF has no complete struct of this name.
     #[error("BTF has no struct '{0}'")]
     NoStruct(String),
+    /// A struct has no member of this name (on a path like `thread.sp`).
     #[error("BTF struct '{strukt}' has no member '{member}'")]
-    NoMember { strukt: String, member: String },
+    NoMember {
+        /// The struct (or, for a nested path, the member) looked in.
+        strukt: String,
+        /// The member not found.
+        member: String,
+    },
+    /// The member is a bitfield or not byte aligned, so it has no byte offset.
     #[error("BTF member '{0}' is a bitfield or not byte aligned")]
     Bitfield(String),
+    /// The member (`struct.member`) is not an array.
     #[error("BTF member '{0}' is not an array")]
     NotArray(String),
 }

@@ -15,24 +15,47 @@ use crate::symbols::{SymbolError, SymbolTable};
 /// `__START_KERNEL_map`: kernel text/data are mapped at this virtual base.
 pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 
+/// Why the guest kernel could not be inspected or prepared for patching.
 #[derive(Debug, Error)]
 pub enum KernelError {
+    /// Reading the vmlinux's symbol table failed.
     #[error(transparent)]
     Symbols(#[from] SymbolError),
+    /// The vmlinux's BTF is missing, invalid, or lacks a member lucos needs.
     #[error(transparent)]
     Btf(#[from] BtfError),
+    /// A symbol lucos needs is not in the vmlinux's symbol table.
     #[error("kernel symbol '{0}' not found in the vmlinux")]
     NoSymbol(String),
+    /// Translating or accessing a kernel-virtual address failed.
     #[error(transparent)]
     Walk(#[from] WalkError),
+    /// The running guest is not the kernel of the vmlinux (`linux_banner` differs).
     #[error("the running guest does not match the vmlinux: {0}")]
     Mismatch(String),
+    /// The patch region cannot go into the kernel's high map: it starts before `_end`, is not
+    /// 2 MiB aligned, or ends past 1 GiB.
     #[error("patch region {gpa:#x}+{size:#x} cannot be mapped past the kernel image (ends at {kernel_end:#x})")]
-    RegionPlacement { gpa: u64, size: u64, kernel_end: u64 },
+    RegionPlacement {
+        /// Guest-physical start of the region.
+        gpa: u64,
+        /// Its size in bytes.
+        size: u64,
+        /// Kernel-virtual address of the kernel's `_end`.
+        kernel_end: u64,
+    },
+    /// The top-level page table has no present, non-huge PUD entry for the high map.
     #[error("no level2_kernel_pgt under init_top_pgt: the kernel's high map is not where lucos expects it")]
     NoHighMap,
+    /// A high-map entry the region needs already maps something else.
     #[error("kernel high map entry for {va:#x} is already in use ({entry:#x})")]
-    HighMapInUse { va: u64, entry: u64 },
+    HighMapInUse {
+        /// Kernel-virtual address of the 2 MiB page.
+        va: u64,
+        /// The PMD entry found there.
+        entry: u64,
+    },
+    /// The task list has more entries than the limit given (corrupt, or changing under us).
     #[error("more than {0} tasks: the task list looks corrupt")]
     TooManyTasks(usize),
 }
@@ -40,19 +63,30 @@ pub enum KernelError {
 /// Field offsets the task walker needs, from BTF.
 #[derive(Debug, Clone, Copy)]
 pub struct TaskLayout {
+    /// Byte offset of `task_struct.tasks` (the list of processes).
     pub tasks: u64,
+    /// Byte offset of `task_struct.thread_group` (the ring of a process's threads).
     pub thread_group: u64,
+    /// Byte offset of `task_struct.pid`.
     pub pid: u64,
+    /// Byte offset of `task_struct.tgid`.
     pub tgid: u64,
+    /// Byte offset of `task_struct.comm`.
     pub comm: u64,
+    /// Byte offset of `task_struct.stack` (pointer to the kernel stack's base).
     pub stack: u64,
+    /// Byte offset of `task_struct.__state`.
     pub state: u64,
+    /// Byte offset of `task_struct.thread.sp` (saved kernel stack pointer).
     pub thread_sp: u64,
+    /// Byte offset of `task_struct.on_cpu`.
     pub on_cpu: u64,
+    /// Byte offset of `task_struct.thread_info.cpu`.
     pub cpu: u64,
 }
 
 impl TaskLayout {
+    /// Reads the offsets from the kernel's BTF; fails if any field is missing.
     pub fn from_btf(btf: &KernelBtf) -> Result<Self, BtfError> {
         let o = |f: &str| btf.offset_of("task_struct", f);
         Ok(Self {
@@ -72,8 +106,11 @@ impl TaskLayout {
 
 /// Symbols + layouts of the guest kernel.
 pub struct GuestKernel {
+    /// The vmlinux's symbol table.
     pub symbols: Arc<SymbolTable>,
+    /// The vmlinux's BTF (struct layouts).
     pub btf: KernelBtf,
+    /// `task_struct` field offsets, from `btf`.
     pub tasks: TaskLayout,
     /// Guest-physical address of `init_top_pgt`.
     pub kernel_cr3: u64,
@@ -101,6 +138,7 @@ impl GuestKernel {
         })
     }
 
+    /// Address of kernel symbol `name`, or [`KernelError::NoSymbol`].
     pub fn sym(&self, name: &str) -> Result<u64, KernelError> {
         self.symbols
             .get(name)

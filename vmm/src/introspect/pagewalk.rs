@@ -9,21 +9,45 @@ use crate::memory::GuestMem;
 
 use crate::arch::x86_64::paging::{PTE_ADDR_MASK, PTE_PAGE_SIZE, PTE_PRESENT, PTE_WRITABLE};
 
+/// Why a guest-virtual address could not be translated or accessed.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum WalkError {
+    /// Bits 63..47 of the address are not all equal.
     #[error("virtual address {va:#x} is not canonical")]
-    NonCanonical { va: u64 },
+    NonCanonical {
+        /// The address.
+        va: u64,
+    },
+    /// A page-table entry on the way is not present.
     #[error("virtual address {va:#x} is not mapped (level {level} entry {entry:#x} not present)")]
-    NotMapped { va: u64, level: u8, entry: u64 },
+    NotMapped {
+        /// The address being translated.
+        va: u64,
+        /// Level of that entry: 4 (PML4) down to 1 (PTE).
+        level: u8,
+        /// The entry's raw value.
+        entry: u64,
+    },
+    /// A page-table entry lies outside guest memory.
     #[error("page table at gpa {gpa:#x} (walking {va:#x}) is outside guest memory")]
-    BadTable { va: u64, gpa: u64 },
+    BadTable {
+        /// The address being translated.
+        va: u64,
+        /// Guest-physical address of the entry.
+        gpa: u64,
+    },
+    /// Reading or writing guest memory at a translated address failed.
     #[error("guest memory access at gpa {gpa:#x} failed")]
-    Memory { gpa: u64 },
+    Memory {
+        /// Guest-physical address of the access.
+        gpa: u64,
+    },
 }
 
 /// A translated address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
+    /// Guest-physical address the virtual address maps to.
     pub gpa: u64,
     /// Size of the page that maps it (4 KiB, 2 MiB or 1 GiB).
     pub page_size: u64,
@@ -71,15 +95,19 @@ pub fn translate(mem: &GuestMem, cr3: u64, va: u64) -> Result<Translation, WalkE
 
 /// Guest-virtual memory access in one address space.
 pub struct GuestVirt<'a> {
+    /// Guest physical memory.
     pub mem: &'a GuestMem,
+    /// Guest-physical address of the PML4, as in CR3 (flag bits are masked off).
     pub cr3: u64,
 }
 
 impl<'a> GuestVirt<'a> {
+    /// Access through the page tables rooted at `cr3`.
     pub fn new(mem: &'a GuestMem, cr3: u64) -> Self {
         Self { mem, cr3 }
     }
 
+    /// Translates `va` in this address space (see [`translate`]).
     pub fn translate(&self, va: u64) -> Result<Translation, WalkError> {
         translate(self.mem, self.cr3, va)
     }
@@ -122,12 +150,14 @@ impl<'a> GuestVirt<'a> {
         })
     }
 
+    /// Reads a little-endian u64 at `va`.
     pub fn read_u64(&self, va: u64) -> Result<u64, WalkError> {
         let mut b = [0u8; 8];
         self.read(va, &mut b)?;
         Ok(u64::from_le_bytes(b))
     }
 
+    /// Reads a little-endian u32 at `va`.
     pub fn read_u32(&self, va: u64) -> Result<u32, WalkError> {
         let mut b = [0u8; 4];
         self.read(va, &mut b)?;

@@ -15,8 +15,11 @@ pub const MAX_TASKS: usize = 65_536;
 pub struct TaskInfo {
     /// Address of the task_struct.
     pub addr: u64,
+    /// Thread id (`task_struct.pid`).
     pub pid: i32,
+    /// Process id (`task_struct.tgid`): the pid of the thread-group leader.
     pub tgid: i32,
+    /// Command name (`comm`, at most 15 bytes, lossily decoded as UTF-8).
     pub comm: String,
     /// `__state` (0 running, 1 interruptible, 2 uninterruptible, ...).
     pub state: u32,
@@ -31,6 +34,7 @@ pub struct TaskInfo {
 }
 
 impl TaskInfo {
+    /// One letter for `state`, as `ps` shows it: `R`, `S`, `D`, `T`, `X`, `I`, or `?`.
     pub fn state_name(&self) -> &'static str {
         match self.state {
             0 => "R",

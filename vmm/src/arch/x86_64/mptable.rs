@@ -24,10 +24,13 @@ const MP_IRQ_NMI: u8 = 1;
 const MP_IRQ_EXTINT: u8 = 3;
 const BUS_ID_ISA: u8 = 0;
 
+/// Why the MP table could not be written.
 #[derive(Debug, Error)]
 pub enum MptableError {
+    /// The table for this many vCPUs does not fit between `EBDA_START` and `EBDA_END`.
     #[error("MP table for {0} vCPUs does not fit in the EBDA")]
     TooLarge(u8),
+    /// Writing it to guest memory failed.
     #[error("writing the MP table to guest memory: {0}")]
     Write(#[from] vm_memory::GuestMemoryError),
 }

@@ -5,17 +5,29 @@ use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuFd;
 use thiserror::Error;
 
+/// `IA32_SYSENTER_CS`: code selector for `sysenter` (0 at boot).
 pub const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+/// `IA32_SYSENTER_ESP`: stack pointer for `sysenter` (0 at boot).
 pub const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+/// `IA32_SYSENTER_EIP`: entry point for `sysenter` (0 at boot).
 pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+/// `STAR`: `syscall`/`sysret` segment selectors (kernel CS in bits 47:32).
 pub const MSR_STAR: u32 = 0xc000_0081;
+/// `LSTAR`: 64-bit `syscall` entry point.
 pub const MSR_LSTAR: u32 = 0xc000_0082;
+/// `CSTAR`: compatibility-mode `syscall` entry point.
 pub const MSR_CSTAR: u32 = 0xc000_0083;
+/// `SFMASK`: RFLAGS bits cleared on `syscall`.
 pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+/// `KERNEL_GS_BASE`: the GS base `swapgs` exchanges with the current one.
 pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// `IA32_TSC`: the time-stamp counter.
 pub const MSR_IA32_TSC: u32 = 0x10;
+/// `IA32_MISC_ENABLE`: miscellaneous feature enables.
 pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+/// `IA32_MISC_ENABLE` bit 0: fast string operations (`rep movs`/`stos`) enabled.
 pub const MSR_IA32_MISC_ENABLE_FAST_STRING: u64 = 1;
+/// `IA32_MTRR_DEF_TYPE`: MTRRs enabled and the default memory type (write-back at boot).
 pub const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
 const MTRR_ENABLE: u64 = 1 << 11;
 const MTRR_MEM_TYPE_WB: u64 = 6;

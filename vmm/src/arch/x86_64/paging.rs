@@ -26,8 +26,11 @@ pub const SIZE_2M: u64 = 2 << 20;
 
 /// The three tables, as written to guest memory.
 pub struct BootPageTables {
+    /// Top level (at `PML4_START`): entry 0 points at the PDPT.
     pub pml4: [u64; 512],
+    /// At `PDPTE_START`: entry 0 points at the PD (the first GiB).
     pub pdpt: [u64; 512],
+    /// At `PDE_START`: 512 2 MiB pages identity-mapping the first GiB.
     pub pd: [u64; 512],
 }
 

@@ -10,7 +10,9 @@ use vm_memory::GuestAddress;
 use crate::layout::{EBDA_END, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, ZERO_PAGE_START};
 use crate::memory::GuestMem;
 
+/// e820 type: usable RAM.
 pub const E820_RAM: u32 = 1;
+/// e820 type: reserved (EBDA, patch region): the kernel does not use it.
 pub const E820_RESERVED: u32 = 2;
 
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -20,10 +22,13 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 /// Max e820 entries in boot_params.
 const E820_MAX: usize = 128;
 
+/// Why the boot parameters could not be built or written.
 #[derive(Debug, Error)]
 pub enum ParamsError {
+    /// The e820 map has more entries than `boot_params` holds (128); the value is the count.
     #[error("too many e820 entries: {0}")]
     TooManyE820(usize),
+    /// Writing the zero page to guest memory failed.
     #[error("writing boot_params to guest memory: {0}")]
     Write(#[from] linux_loader::configurator::Error),
 }
@@ -31,8 +36,11 @@ pub enum ParamsError {
 /// One e820 entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct E820Entry {
+    /// Guest-physical start.
     pub addr: u64,
+    /// Size in bytes.
     pub size: u64,
+    /// [`E820_RAM`] or [`E820_RESERVED`].
     pub kind: u32,
 }
 
@@ -94,7 +102,9 @@ pub fn e820_map(mem_bytes: u64, reserved: &[(u64, u64)]) -> Vec<E820Entry> {
 /// Where the initrd was loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct InitrdLocation {
+    /// Guest-physical address the initrd was loaded at.
     pub addr: u64,
+    /// Its size in bytes.
     pub size: u64,
 }
 

@@ -17,17 +17,29 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// Why a vCPU's boot registers could not be set.
 #[derive(Debug, Error)]
 pub enum RegsError {
+    /// A KVM vCPU ioctl failed.
     #[error("{what} failed: {source}")]
     Kvm {
+        /// The ioctl that failed.
         what: &'static str,
+        /// KVM's error.
         source: kvm_ioctls::Error,
     },
+    /// The boot GDT or IDT could not be written to guest memory.
     #[error("writing the boot GDT/IDT: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
+    /// KVM set fewer of the boot MSRs than asked.
     #[error("KVM_SET_MSRS set {set} of {wanted} MSRs")]
-    Msrs { set: usize, wanted: usize },
+    Msrs {
+        /// MSRs KVM set.
+        set: usize,
+        /// MSRs asked for.
+        wanted: usize,
+    },
+    /// The MSR list for KVM could not be built.
     #[error("building the MSR list: {0}")]
     MsrList(vmm_sys_util::fam::Error),
 }

@@ -29,42 +29,80 @@ pub const VENDOR_ID: u32 = 0x4f43_554c;
 pub const MMIO_WINDOW: u64 = 0x1000;
 
 // Register offsets.
+/// MagicValue (read-only): [`MMIO_MAGIC`].
 pub const REG_MAGIC: u64 = 0x000;
+/// Version (read-only): [`MMIO_VERSION`].
 pub const REG_VERSION: u64 = 0x004;
+/// DeviceID (read-only): the virtio device id (19 for vsock).
 pub const REG_DEVICE_ID: u64 = 0x008;
+/// VendorID (read-only): [`VENDOR_ID`].
 pub const REG_VENDOR_ID: u64 = 0x00c;
+/// DeviceFeatures (read-only): the 32 feature bits of the word chosen by DeviceFeaturesSel.
 pub const REG_DEVICE_FEATURES: u64 = 0x010;
+/// DeviceFeaturesSel (write-only): which 32-bit word of the device features to read (0 or 1).
 pub const REG_DEVICE_FEATURES_SEL: u64 = 0x014;
+/// DriverFeatures (write-only): the 32 accepted feature bits of the word chosen by
+/// DriverFeaturesSel; frozen once FEATURES_OK is set.
 pub const REG_DRIVER_FEATURES: u64 = 0x020;
+/// DriverFeaturesSel (write-only): which 32-bit word of the driver features to write (0 or 1).
 pub const REG_DRIVER_FEATURES_SEL: u64 = 0x024;
+/// QueueSel (write-only): the queue that the Queue* registers refer to.
 pub const REG_QUEUE_SEL: u64 = 0x030;
+/// QueueNumMax (read-only): largest size of the selected queue (0 if it does not exist).
 pub const REG_QUEUE_NUM_MAX: u64 = 0x034;
+/// QueueNum (write-only): size of the selected queue, a power of two up to QueueNumMax.
 pub const REG_QUEUE_NUM: u64 = 0x038;
+/// QueueReady (read-write): 1 once the driver has set the selected queue up.
 pub const REG_QUEUE_READY: u64 = 0x044;
+/// QueueNotify (write-only): the driver has new buffers in the queue whose index it writes.
 pub const REG_QUEUE_NOTIFY: u64 = 0x050;
+/// InterruptStatus (read-only): [`VIRTIO_MMIO_INT_VRING`](super::VIRTIO_MMIO_INT_VRING) and
+/// [`VIRTIO_MMIO_INT_CONFIG`](super::VIRTIO_MMIO_INT_CONFIG) bits pending.
 pub const REG_INTERRUPT_STATUS: u64 = 0x060;
+/// InterruptACK (write-only): clears the InterruptStatus bits written.
 pub const REG_INTERRUPT_ACK: u64 = 0x064;
+/// Status (read-write): the `STATUS_*` bits; writing 0 resets the device.
 pub const REG_STATUS: u64 = 0x070;
+/// QueueDescLow (write-only): low 32 bits of the selected queue's descriptor table GPA.
 pub const REG_QUEUE_DESC_LOW: u64 = 0x080;
+/// QueueDescHigh (write-only): high 32 bits of the descriptor table GPA.
 pub const REG_QUEUE_DESC_HIGH: u64 = 0x084;
+/// QueueDriverLow (write-only): low 32 bits of the selected queue's available ring GPA.
 pub const REG_QUEUE_DRIVER_LOW: u64 = 0x090;
+/// QueueDriverHigh (write-only): high 32 bits of the available ring GPA.
 pub const REG_QUEUE_DRIVER_HIGH: u64 = 0x094;
+/// QueueDeviceLow (write-only): low 32 bits of the selected queue's used ring GPA.
 pub const REG_QUEUE_DEVICE_LOW: u64 = 0x0a0;
+/// QueueDeviceHigh (write-only): high 32 bits of the used ring GPA.
 pub const REG_QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+/// SHMSel (write-only): shared memory region selector; there are no regions, so ignored.
 pub const REG_SHM_SEL: u64 = 0x0ac;
+/// SHMLenLow (read-only): low 32 bits of the region length; all ones (no region).
 pub const REG_SHM_LEN_LOW: u64 = 0x0b0;
+/// SHMLenHigh (read-only): high 32 bits of the region length; all ones (no region).
 pub const REG_SHM_LEN_HIGH: u64 = 0x0b4;
+/// SHMBaseLow (read-only): low 32 bits of the region base; all ones (no region).
 pub const REG_SHM_BASE_LOW: u64 = 0x0b8;
+/// SHMBaseHigh (read-only): high 32 bits of the region base; all ones (no region).
 pub const REG_SHM_BASE_HIGH: u64 = 0x0bc;
+/// ConfigGeneration (read-only): would change with the configuration space; always 0 here.
 pub const REG_CONFIG_GENERATION: u64 = 0x0fc;
+/// Start of the device-specific configuration space; accesses from here go to the device.
 pub const REG_CONFIG: u64 = 0x100;
 
 // Device status bits.
+/// Status bit: the guest found the device.
 pub const STATUS_ACKNOWLEDGE: u32 = 1;
+/// Status bit: the guest has a driver for the device.
 pub const STATUS_DRIVER: u32 = 2;
+/// Status bit: the driver is set up; the transport activates the device.
 pub const STATUS_DRIVER_OK: u32 = 4;
+/// Status bit: feature negotiation is done; refused (left clear) if the features are not
+/// acceptable.
 pub const STATUS_FEATURES_OK: u32 = 8;
+/// Status bit set by the device: it hit an error and needs a reset.
 pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+/// Status bit set by the driver: it gave up on the device.
 pub const STATUS_FAILED: u32 = 0x80;
 
 /// One virtio device behind a virtio-mmio register block.
@@ -83,6 +121,7 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
+    /// A transport for `device` in its reset state, raising interrupts through `interrupt`.
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMem, interrupt: Arc<Interrupt>) -> Self {
         let queues = Self::fresh_queues(device.as_ref());
         Self {

@@ -35,6 +35,7 @@ pub struct Interrupt {
 }
 
 impl Interrupt {
+    /// An interrupt line that raises the guest interrupt through `evt`, status clear.
     pub fn new(evt: EventFd) -> Self {
         Self {
             status: AtomicU32::new(0),
@@ -69,8 +70,15 @@ impl Interrupt {
 /// Why a device refused to start.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
+    /// The driver set up a different number of queues than the device has.
     #[error("expected {expected} queues, got {got}")]
-    QueueCount { expected: usize, got: usize },
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues it was given.
+        got: usize,
+    },
+    /// The device's worker thread could not be spawned.
     #[error("cannot start the device worker: {0}")]
     Worker(std::io::Error),
 }

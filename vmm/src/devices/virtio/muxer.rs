@@ -34,12 +34,19 @@ pub const HOST_CID: u64 = 2;
 /// `VIRTIO_VSOCK_TYPE_STREAM`, the only socket type offered.
 pub const TYPE_STREAM: u16 = 1;
 
+/// Packet op: connection request from the guest.
 pub const OP_REQUEST: u16 = 1;
+/// Packet op: the host accepts a connection.
 pub const OP_RESPONSE: u16 = 2;
+/// Packet op: the connection is reset (refused, closed, or broken); never answered.
 pub const OP_RST: u16 = 3;
+/// Packet op: the sender stops receiving and/or sending (the `SHUTDOWN_*` flags).
 pub const OP_SHUTDOWN: u16 = 4;
+/// Packet op: data (`len` bytes follow the header).
 pub const OP_RW: u16 = 5;
+/// Packet op: the sender's `buf_alloc`/`fwd_cnt` changed; carries no data.
 pub const OP_CREDIT_UPDATE: u16 = 6;
+/// Packet op: asks the peer for a CREDIT_UPDATE.
 pub const OP_CREDIT_REQUEST: u16 = 7;
 
 /// SHUTDOWN flag: the sender will receive no more data.
@@ -68,22 +75,34 @@ pub type ListenerSlot = Arc<RwLock<Option<Arc<dyn PortListener>>>>;
 /// A virtio-vsock packet header (`struct virtio_vsock_hdr`), as plain values.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hdr {
+    /// Sender's context id ([`HOST_CID`] for host-to-guest packets).
     pub src_cid: u64,
+    /// Receiver's context id.
     pub dst_cid: u64,
+    /// Sender's port.
     pub src_port: u32,
+    /// Receiver's port.
     pub dst_port: u32,
+    /// Bytes of data following the header.
     pub len: u32,
+    /// Socket type; only [`TYPE_STREAM`] is served.
     pub type_: u16,
+    /// One of the `OP_*` values.
     pub op: u16,
+    /// `SHUTDOWN_*` bits for a SHUTDOWN packet, else 0.
     pub flags: u32,
+    /// Sender's receive buffer size in bytes (its credit limit).
     pub buf_alloc: u32,
+    /// Bytes the sender has consumed from the connection so far (wraps at 2^32).
     pub fwd_cnt: u32,
 }
 
 /// A connection, named by (guest port, host port).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ConnKey {
+    /// Port on the guest side (source of the guest's REQUEST).
     pub guest_port: u32,
+    /// Port on the host side (what the guest connected to, e.g. the update server's).
     pub host_port: u32,
 }
 
@@ -161,8 +180,11 @@ impl Conn {
 /// What the muxer would like to hear about a host stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Interest {
+    /// The host stream's file descriptor.
     pub fd: RawFd,
+    /// Wake when it is readable.
     pub read: bool,
+    /// Wake when it is writable.
     pub write: bool,
 }
 
@@ -176,6 +198,8 @@ pub struct Muxer {
 }
 
 impl Muxer {
+    /// A muxer for the guest with context id `guest_cid`, with no connections; new connections
+    /// are offered to the listener in `listener`.
     pub fn new(guest_cid: u64, listener: ListenerSlot) -> Self {
         Self {
             guest_cid,

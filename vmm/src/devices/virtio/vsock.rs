@@ -28,8 +28,11 @@ pub use super::muxer::PortListener;
 
 /// Virtio device id of vsock.
 pub const VSOCK_DEVICE_ID: u32 = 19;
+/// Index of the RX queue: buffers the guest gives for packets to it.
 pub const RXQ: usize = 0;
+/// Index of the TX queue: packets the guest sends.
 pub const TXQ: usize = 1;
+/// Index of the event queue (the device never reports an event on it).
 pub const EVQ: usize = 2;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -176,6 +179,8 @@ fn hdr_of<B: BitmapSlice>(p: &VsockPacket<'_, B>) -> Hdr {
 }
 
 impl VsockBackend {
+    /// A backend for the queues `[RX, TX, event]` as the driver set them up, raising
+    /// `interrupt` when it uses buffers.
     pub fn new(mem: GuestMem, queues: [Queue; 3], interrupt: Arc<Interrupt>, muxer: Muxer) -> Self {
         let [rxq, txq, evq] = queues;
         Self {
@@ -189,6 +194,7 @@ impl VsockBackend {
         }
     }
 
+    /// The connection state machine (tests inspect it).
     pub fn muxer(&self) -> &Muxer {
         &self.muxer
     }
