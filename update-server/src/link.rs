@@ -48,14 +48,6 @@ pub enum LinkError {
         /// The relocation's offset in it.
         offset: u64,
     },
-    /// The linked image does not fit the free space of the patch region.
-    #[error("module needs {need} bytes, the patch region has {have} free")]
-    NoSpace {
-        /// Bytes the image needs.
-        need: u64,
-        /// Bytes free in the region.
-        have: u64,
-    },
 }
 
 fn r_name(t: u32) -> &'static str {
