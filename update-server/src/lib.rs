@@ -4,6 +4,8 @@
 //! Modules (see ../shared/DESIGN.md, steps 2-7):
 //! - `protocol`: the framed wire protocol (length-prefixed JSON header + payload) spoken on
 //!   the vsock host end (CID 2, fixed port) and on the VMM's Unix API socket.
+//! - `client`: a client of the protocol (Unix socket or AF_VSOCK), used by `lucosctl` and
+//!   the tests.
 //! - `signing`: ed25519 verification of submitted modules against `--trusted-key` keys.
 //! - `module`: parsing a patch module (ELF relocatable `.ko`) and its `.lucos.*` records
 //!   (replaced functions, data rules, callbacks) with the `object` crate.
@@ -22,6 +24,7 @@
 
 pub mod alloc;
 pub mod alternatives;
+pub mod client;
 pub mod guest;
 pub mod link;
 pub mod manager;

@@ -67,27 +67,152 @@ pub struct Request {
     pub payload_len: u64,
 }
 
-/// Summary of one patch, as reported to clients.
+/// Where a patch is in its life (see [`crate::manager`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PatchState {
+    /// Jumps installed; some vCPU or task may still run an old function.
+    Transition,
+    /// No vCPU and no task stack refers to an old function any more: the update is complete.
+    Committed,
+    /// Original bytes restored; some thread may still run the patch's code, which stays allocated.
+    RollingBack,
+    /// Rolled back, and the patch's memory freed.
+    RolledBack,
+}
+
+impl PatchState {
+    /// Kebab-case name, as in status output and the serialized form (e.g. `rolling-back`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PatchState::Transition => "transition",
+            PatchState::Committed => "committed",
+            PatchState::RollingBack => "rolling-back",
+            PatchState::RolledBack => "rolled-back",
+        }
+    }
+}
+
+impl std::fmt::Display for PatchState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One function a patch redirects.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FunctionInfo {
+    /// The guest kernel function replaced.
+    pub old: String,
+    /// Its address.
+    pub old_addr: u64,
+    /// Its size in bytes.
+    pub old_size: u64,
+    /// The replacement in the patch module.
+    pub new: String,
+    /// The replacement's address in the patch region.
+    pub new_addr: u64,
+}
+
+/// One global a data patch converts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DataInfo {
+    /// The kernel global.
+    pub name: String,
+    /// Its address.
+    pub addr: u64,
+    /// Its size in bytes (4 or 8).
+    pub size: u64,
+    /// The new code keeps `old * mul / div`.
+    pub mul: u64,
+    /// See `mul`.
+    pub div: u64,
+    /// Whether its page is write-protected right now (during a transition).
+    pub protected: bool,
+    /// Guest writes to its page trapped so far.
+    pub trapped_writes: u64,
+    /// Trapped writes whose value was converted.
+    pub converted_writes: u64,
+}
+
+/// A callback of a patch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CallbackInfo {
+    /// `apply`, `revert` or `thread`.
+    pub kind: String,
+    /// The callback function.
+    pub name: String,
+    /// Its address in the patch region.
+    pub addr: u64,
+    /// Its time limit in milliseconds.
+    pub limit_ms: u64,
+}
+
+/// Who keeps a transition from finishing.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BlockerInfo {
+    /// `vCPU N` or `task PID (comm, state)`.
+    pub who: String,
+    /// Where: the function (or patch code) it is in, with the address.
+    pub at: String,
+    /// The task's pid (None for a vCPU).
+    pub pid: Option<i32>,
+}
+
+/// One patch, as reported to clients: every field typed, nothing formatted for people
+/// (`lucosctl` does that; `--json` prints these fields).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PatchInfo {
     /// Patch number, unique per guest, from 1.
     pub id: u32,
     /// Name from the module's `.lucos.info`.
     pub name: String,
-    /// State, as [`PatchState::as_str`](crate::manager::PatchState::as_str) writes it.
-    pub state: String,
-    /// Guest kernel functions the patch replaces.
-    pub functions: Vec<String>,
+    /// Description from the module's `.lucos.info` (may be empty).
+    pub description: String,
+    /// Where the patch is in its life.
+    pub state: PatchState,
+    /// The functions it redirects.
+    pub functions: Vec<FunctionInfo>,
+    /// The globals it converts (data patches).
+    pub data: Vec<DataInfo>,
+    /// Guest address of the patch's code and data.
+    pub image_addr: u64,
+    /// Size of the patch's code and data, in bytes.
+    pub image_size: u64,
     /// Microseconds the vCPUs were stopped to install the jumps.
     pub pause_us: u64,
     /// Microseconds the whole apply request took.
     pub apply_us: u64,
+    /// When it was applied, in seconds since the Unix epoch.
+    pub applied_at: u64,
     /// Stack inspections run so far.
     pub checks: u32,
-    /// What the last stack inspection found in the waited-on code, as `who in where`.
-    pub waiting_on: Vec<String>,
-    /// Multi-line report, as `lucosctl status` prints it.
-    pub details: String,
+    /// What the last stack inspection found in the waited-on code.
+    pub blockers: Vec<BlockerInfo>,
+    /// The patch's callbacks.
+    pub callbacks: Vec<CallbackInfo>,
+    /// One line per callback run, with its outcome and duration.
+    pub callback_log: Vec<String>,
+    /// What the module parser noted (e.g. sections applied with their build-time default).
+    pub warnings: Vec<String>,
+}
+
+/// What kind of failure a reply reports; `lucosctl` picks its exit code from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorKind {
+    /// The request itself is malformed (e.g. `rollback` without an id).
+    BadRequest,
+    /// The module was refused before anything was written to the guest: not signed, not
+    /// trusted, malformed, does not link, fails a run-pre check.
+    Refused,
+    /// No patch with that id.
+    NotFound,
+    /// The patch is not in a state that allows the request (e.g. already rolled back, or
+    /// another patch sits on top of it).
+    WrongState,
+    /// The guest side failed (memory, pausing, a callback); the patch was rolled back.
+    Failed,
 }
 
 /// The header of a reply.
@@ -101,17 +226,24 @@ pub struct Response {
     /// Why the request failed; set only when `ok` is false.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// What kind of failure; set only when `ok` is false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<ErrorKind>,
     /// Patches the request concerns (every patch for `list`, and for `status` without an id).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub patches: Vec<PatchInfo>,
+    /// Guest pages write-protected right now (`list` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readonly_pages: Option<u64>,
 }
 
 impl Response {
-    /// A failed reply carrying `e`'s message.
-    pub fn error(e: impl ToString) -> Self {
+    /// A failed reply of kind `kind` carrying `e`'s message.
+    pub fn error(kind: ErrorKind, e: impl ToString) -> Self {
         Response {
             ok: false,
             error: e.to_string(),
+            error_kind: Some(kind),
             ..Default::default()
         }
     }
@@ -172,7 +304,7 @@ mod tests {
         assert_eq!((r, p), (req, b"abc".to_vec()));
 
         let mut buf = Vec::new();
-        write_frame(&mut buf, &Response::error("nope"), &[]).unwrap();
+        write_frame(&mut buf, &Response::error(ErrorKind::Refused, "nope"), &[]).unwrap();
         let resp: Response = read_header(&mut &buf[..]).unwrap();
         assert!(!resp.ok);
         assert_eq!(resp.error, "nope");

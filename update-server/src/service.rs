@@ -4,6 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,7 +14,9 @@ use log::{debug, info, warn};
 use crate::guest::Guest;
 use crate::manager::{ApplyError, Manager, Patch};
 use crate::module::PatchModule;
-use crate::protocol::{self, Op, PatchInfo, Request, Response};
+use crate::protocol::{
+    self, BlockerInfo, CallbackInfo, DataInfo, ErrorKind, FunctionInfo, Op, PatchInfo, Request, Response,
+};
 use crate::signing;
 
 /// How often patches in transition are re-checked.
@@ -31,14 +34,78 @@ pub fn patch_info(p: &Patch) -> PatchInfo {
     PatchInfo {
         id: p.id,
         name: p.name.clone(),
-        state: p.state.as_str().into(),
-        functions: p.funcs.iter().map(|f| f.old_name.clone()).collect(),
+        description: p.description.clone(),
+        state: p.state,
+        functions: p
+            .funcs
+            .iter()
+            .map(|f| FunctionInfo {
+                old: f.old_name.clone(),
+                old_addr: f.old_addr,
+                old_size: f.old_size,
+                new: f.new_name.clone(),
+                new_addr: f.new_addr,
+            })
+            .collect(),
+        data: p
+            .data
+            .iter()
+            .map(|d| DataInfo {
+                name: d.name.clone(),
+                addr: d.addr,
+                size: d.size,
+                mul: d.mul,
+                div: d.div,
+                protected: d.protected,
+                trapped_writes: d.faults.load(Ordering::Relaxed),
+                converted_writes: d.converted.load(Ordering::Relaxed),
+            })
+            .collect(),
+        image_addr: p.image_addr,
+        image_size: p.image_size,
         pause_us: p.pause_us,
         apply_us: p.apply_us,
+        applied_at: p.applied_at,
         checks: p.checks,
-        waiting_on: p.blockers.iter().map(|b| format!("{} in {}", b.who, b.at)).collect(),
-        details: p.details(),
+        blockers: p
+            .blockers
+            .iter()
+            .map(|b| BlockerInfo {
+                who: b.who.clone(),
+                at: b.at.clone(),
+                pid: b.task.map(|(pid, _)| pid),
+            })
+            .collect(),
+        callbacks: p
+            .callbacks
+            .iter()
+            .map(|c| CallbackInfo {
+                kind: c.kind.as_str().into(),
+                name: c.name.clone(),
+                addr: c.addr,
+                limit_ms: c.limit_ms,
+            })
+            .collect(),
+        callback_log: p.callback_log.clone(),
+        warnings: p.warnings.clone(),
     }
+}
+
+/// The kind of an apply, status or rollback failure, for the client's exit code.
+fn error_kind(e: &ApplyError) -> ErrorKind {
+    match e {
+        ApplyError::NoSuchPatch(_) => ErrorKind::NotFound,
+        ApplyError::WrongState { .. } | ApplyError::NotTopmost { .. } => ErrorKind::WrongState,
+        ApplyError::Guest(_)
+        | ApplyError::Busy(_)
+        | ApplyError::CallbackAborted { .. }
+        | ApplyError::RevertCallback { .. } => ErrorKind::Failed,
+        _ => ErrorKind::Refused,
+    }
+}
+
+fn apply_error(e: ApplyError, prefix: &str) -> Response {
+    Response::error(error_kind(&e), format!("{prefix}{e}"))
 }
 
 impl UpdateServer {
@@ -64,8 +131,8 @@ impl UpdateServer {
                 let m = self.manager();
                 Response {
                     ok: true,
-                    message: format!("write-protected guest pages: {}", self.guest.readonly_pages()),
                     patches: m.patches().iter().map(patch_info).collect(),
+                    readonly_pages: Some(self.guest.readonly_pages()),
                     ..Default::default()
                 }
             }
@@ -78,7 +145,7 @@ impl UpdateServer {
                             patches: vec![patch_info(p)],
                             ..Default::default()
                         },
-                        Err(e) => Response::error(e),
+                        Err(e) => apply_error(e, ""),
                     },
                     None => Response {
                         ok: true,
@@ -89,7 +156,7 @@ impl UpdateServer {
             }
             Op::Rollback => {
                 let Some(id) = req.id else {
-                    return Response::error("rollback needs a patch id");
+                    return Response::error(ErrorKind::BadRequest, "rollback needs a patch id");
                 };
                 let mut m = self.manager();
                 match m.rollback(self.guest.as_ref(), id) {
@@ -99,7 +166,7 @@ impl UpdateServer {
                         patches: m.get(id).map(|p| vec![patch_info(p)]).unwrap_or_default(),
                         ..Default::default()
                     },
-                    Err(e) => Response::error(e),
+                    Err(e) => apply_error(e, ""),
                 }
             }
         }
@@ -108,11 +175,11 @@ impl UpdateServer {
     fn apply(&self, signed: &[u8]) -> Response {
         let (module, key) = match signing::verify(signed, &self.trusted) {
             Ok(v) => v,
-            Err(e) => return Response::error(format!("refused: {e}")),
+            Err(e) => return Response::error(ErrorKind::Refused, format!("refused: {e}")),
         };
         let m = match PatchModule::parse(module) {
             Ok(m) => m,
-            Err(e) => return Response::error(format!("refused: invalid patch module: {e}")),
+            Err(e) => return Response::error(ErrorKind::Refused, format!("refused: invalid patch module: {e}")),
         };
         let mut mgr = self.manager();
         match mgr.apply(self.guest.as_ref(), &m) {
@@ -137,8 +204,8 @@ impl UpdateServer {
                 }
             }
             // A callback failed after the jumps went in: the patch exists and was rolled back.
-            Err(e @ ApplyError::CallbackAborted { .. }) => Response::error(format!("apply failed: {e}")),
-            Err(e) => Response::error(format!("apply failed, guest unchanged: {e}")),
+            Err(e @ ApplyError::CallbackAborted { .. }) => apply_error(e, "apply failed: "),
+            Err(e) => apply_error(e, "apply failed, guest unchanged: "),
         }
     }
 
@@ -152,7 +219,11 @@ impl UpdateServer {
                 }
                 Err(protocol::ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return,
                 Err(e) => {
-                    let _ = protocol::write_frame(&mut s, &Response::error(format!("bad request: {e}")), &[]);
+                    let _ = protocol::write_frame(
+                        &mut s,
+                        &Response::error(ErrorKind::BadRequest, format!("bad request: {e}")),
+                        &[],
+                    );
                     return;
                 }
             };

@@ -17,7 +17,7 @@ mod common;
 
 use common::api::{call, wait_state, Keys};
 use common::session::{build_patch, tempdir, Session};
-use lucos_update_server::protocol::Op;
+use lucos_update_server::protocol::{Op, PatchState};
 
 fn lock_state(s: &mut Session) -> String {
     s.run("cat /proc/lucos_demo_lock")
@@ -78,10 +78,10 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     let list = call(&sock, Op::List, None, &[]);
     assert_eq!(list.patches.len(), 3, "{list:?}");
     for p in &list.patches {
-        wait_state(&sock, p.id, "rolled-back");
+        wait_state(&sock, p.id, PatchState::RolledBack);
     }
     let list = call(&sock, Op::List, None, &[]);
-    assert_eq!(list.message, "write-protected guest pages: 0", "{list:?}");
+    assert_eq!(list.readonly_pages, Some(0), "no guest page left read-only: {list:?}");
 
     // The bug: a negative value leaves the lock held; later writers block.
     s.run("echo 5 > /proc/lucos_demo_lock");
@@ -98,18 +98,21 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     let r = call(&sock, Op::Apply, None, &fix);
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
-    let r = wait_state(&sock, id, "committed");
-    let details = &r.patches[0].details;
-    eprintln!("{details}");
+    let p = wait_state(&sock, id, PatchState::Committed);
+    let log = &p.callback_log;
+    eprintln!("{p:#?}");
     assert!(
-        details.contains("apply callback 'release_stuck_lock': returned 0"),
-        "{details}"
+        log.iter()
+            .any(|l| l.contains("apply callback 'release_stuck_lock': returned 0")),
+        "{log:?}"
     );
     // Both writers were found in the old function and left it.
     assert_eq!(
-        details.matches("thread callback 'old_writer_left' for task").count(),
+        log.iter()
+            .filter(|l| l.contains("thread callback 'old_writer_left' for task"))
+            .count(),
         2,
-        "{details}"
+        "{log:?}"
     );
     let out = s.run("sleep 1; cat /tmp/w7 /tmp/w8");
     assert_eq!(out.iter().filter(|l| l.trim() == "done").count(), 2, "{out:?}");
@@ -131,6 +134,6 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
     assert_eq!(lock_state(&mut s), "value 9 holder 0 waiters 0");
 
     assert!(call(&sock, Op::Rollback, Some(id), &[]).ok);
-    wait_state(&sock, id, "rolled-back");
+    wait_state(&sock, id, PatchState::RolledBack);
     assert_eq!(s.shutdown(), Some(0));
 }

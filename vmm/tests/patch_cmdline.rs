@@ -6,7 +6,7 @@ mod common;
 
 use common::api::{call, wait_state, Keys};
 use common::session::{build_patch, tempdir, Session};
-use lucos_update_server::protocol::Op;
+use lucos_update_server::protocol::{Op, PatchState};
 use lucos_update_server::signing;
 
 fn cmdline(s: &mut Session) -> String {
@@ -53,15 +53,15 @@ fn cmdline_patch_apply_observe_rollback() {
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
     eprintln!("apply: {}", r.message);
-    let r = wait_state(&sock, id, "committed");
-    eprintln!("status:\n{}", r.patches[0].details);
+    let r = wait_state(&sock, id, PatchState::Committed);
+    eprintln!("status: {r:#?}");
     let after = cmdline(&mut s);
     assert_eq!(after, format!("lucos-patched {before}"));
 
     // Roll back.
     let r = call(&sock, Op::Rollback, Some(id), &[]);
     assert!(r.ok, "{r:?}");
-    wait_state(&sock, id, "rolled-back");
+    wait_state(&sock, id, PatchState::RolledBack);
     assert_eq!(cmdline(&mut s), before);
     let r = call(&sock, Op::Rollback, Some(id), &[]);
     assert!(!r.ok && r.error.contains("already rolled-back"), "{r:?}");
@@ -70,10 +70,10 @@ fn cmdline_patch_apply_observe_rollback() {
     let r = call(&sock, Op::Apply, None, &signed);
     assert!(r.ok, "{r:?}");
     let id2 = r.patches[0].id;
-    wait_state(&sock, id2, "committed");
+    wait_state(&sock, id2, PatchState::Committed);
     assert!(cmdline(&mut s).starts_with("lucos-patched "));
     assert!(call(&sock, Op::Rollback, Some(id2), &[]).ok);
-    wait_state(&sock, id2, "rolled-back");
+    wait_state(&sock, id2, PatchState::RolledBack);
 
     assert_eq!(s.shutdown(), Some(0));
 }

@@ -10,7 +10,7 @@ mod common;
 
 use common::api::{call, wait_state, Keys};
 use common::session::{build_patch, tempdir, Session};
-use lucos_update_server::protocol::Op;
+use lucos_update_server::protocol::{Op, PatchState};
 
 fn timeout(s: &mut Session) -> String {
     let out = s.run("cat /proc/lucos_demo_timeout");
@@ -35,24 +35,25 @@ fn data_patch_changes_units_with_state_transfer() {
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
     let st = call(&sock, Op::Status, Some(id), &[]);
-    let details = &st.patches[0].details;
-    eprintln!("{details}");
-    assert_eq!(st.patches[0].state, "transition", "{details}");
+    let p = &st.patches[0];
+    eprintln!("{p:#?}");
+    assert_eq!(p.state, PatchState::Transition, "{p:?}");
     assert!(
-        details.contains("lucos_demo_write"),
-        "the sleeping task is named: {details}"
+        p.blockers
+            .iter()
+            .any(|b| b.pid.is_some() && b.at.contains("lucos_demo_write")),
+        "the sleeping task is named: {p:?}"
     );
-    assert!(details.contains("write-protected"), "{details}");
+    assert!(p.data[0].protected, "write-protected: {p:?}");
     // New code reads the converted value.
     assert_eq!(timeout(&mut s), "250000 us");
 
     // The old writer wakes up, stores 500 in old units: converted on the way in.
-    let r = wait_state(&sock, id, "committed");
-    let details = &r.patches[0].details;
-    eprintln!("{details}");
+    let p = wait_state(&sock, id, PatchState::Committed);
+    eprintln!("{p:#?}");
     assert!(
-        details.contains("1 converted") && details.contains("not protected"),
-        "{details}"
+        p.data[0].converted_writes == 1 && !p.data[0].protected,
+        "one write converted, protection dropped at commit: {p:?}"
     );
     assert_eq!(timeout(&mut s), "500000 us");
 
@@ -62,7 +63,7 @@ fn data_patch_changes_units_with_state_transfer() {
 
     // Rollback: back to milliseconds.
     assert!(call(&sock, Op::Rollback, Some(id), &[]).ok);
-    wait_state(&sock, id, "rolled-back");
+    wait_state(&sock, id, PatchState::RolledBack);
     assert_eq!(timeout(&mut s), "7 ms");
     s.run("echo 9 > /proc/lucos_demo_timeout");
     assert_eq!(timeout(&mut s), "9 ms");

@@ -7,7 +7,7 @@ mod common;
 
 use common::api::{call, wait_state};
 use common::patching::PatchedGuest;
-use lucos_update_server::protocol::Op;
+use lucos_update_server::protocol::{Op, PatchState};
 
 const CYCLES: usize = 100;
 const VCPUS: u8 = 2;
@@ -34,13 +34,14 @@ fn uname_patch_100_apply_rollback_cycles_under_load() {
         let r = call(&g.sock, Op::Apply, None, &signed);
         assert!(r.ok, "cycle {i}: apply: {r:?}");
         let id = r.patches[0].id;
-        pauses.push(r.patches[0].details.clone());
-        wait_state(&g.sock, id, "committed");
+        pauses.push((r.patches[0].pause_us, r.patches[0].apply_us));
+        wait_state(&g.sock, id, PatchState::Committed);
         let r = call(&g.sock, Op::Rollback, Some(id), &[]);
         assert!(r.ok, "cycle {i}: rollback: {r:?}");
-        wait_state(&g.sock, id, "rolled-back");
+        wait_state(&g.sock, id, PatchState::RolledBack);
     }
-    eprintln!("last apply: {}", pauses.last().unwrap());
+    let (pause, apply) = pauses.last().unwrap();
+    eprintln!("last apply: vCPUs paused {pause} us, apply {apply} us");
 
     s.run("touch /tmp/stop; wait");
     let results = s.run("cat /tmp/loop0 /tmp/loop1; uname -s");

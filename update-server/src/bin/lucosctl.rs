@@ -1,274 +1,306 @@
 //! `lucosctl`: submit, inspect and roll back live patches; sign modules; make keys.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use lucos_update_server::protocol::{self, Op, Request, Response};
+use clap::{Parser, Subcommand};
+use lucos_update_server::client::{Client, ClientError, Target};
+use lucos_update_server::protocol::{self, Op, PatchInfo, PatchState, Response};
 use lucos_update_server::signing;
 
-const USAGE: &str = "\
-lucosctl: live-patch a lucos guest kernel
-
-usage:
-  lucosctl [CONN] apply FILE.ko [--wait SECS]   submit a signed patch module
-  lucosctl [CONN] list                          list patches
-  lucosctl [CONN] status [ID]                   details (transition blockers, timings)
-  lucosctl [CONN] rollback ID [--wait SECS]     undo a patch (committed, or still in transition)
-  lucosctl [CONN] cancel ID [--wait SECS]       same as rollback: give up a transition that cannot finish
-  lucosctl keygen PREFIX                                 write PREFIX.key (private) and PREFIX.pub
-  lucosctl sign --key PREFIX.key FILE.ko [-o OUT.ko]     append an ed25519 signature (default: in place)
-
-CONN is one of:
-  --socket PATH   the Unix API socket given to `lucos-vmm run --api-sock` (default: $LUCOS_API_SOCK)
-  --vsock         inside the guest: AF_VSOCK to the VMM (CID 2), port 1024 (also: $LUCOS_VSOCK=1)
-  --port N        with --vsock: another port (for testing; the VMM resets unknown ports)
---wait SECS polls until the patch is committed (apply) or rolled back (rollback).
-Exit codes: 0 ok, 1 the request failed (message on stderr), 2 usage error.";
-
-fn usage_err(msg: &str) -> ExitCode {
-    eprintln!("lucosctl: {msg}\n\n{USAGE}");
-    ExitCode::from(2)
+/// Live-patch a lucos guest kernel through the update server in lucos-vmm.
+///
+/// The server is reached over the Unix API socket given to `lucos-vmm run --api-sock`
+/// (--socket, or $LUCOS_API_SOCK), or from inside the guest over AF_VSOCK to the VMM
+/// (--vsock, or $LUCOS_VSOCK=1).
+///
+/// Exit codes: 0 success; 1 the request failed (refused by the server, failed in the guest,
+/// server unreachable; message on stderr); 2 usage error; 3 --wait gave up before the
+/// patch reached the state.
+#[derive(Parser)]
+#[command(name = "lucosctl", version, verbatim_doc_comment)]
+struct Cli {
+    /// The Unix API socket of lucos-vmm.
+    #[arg(long, global = true, value_name = "PATH", env = "LUCOS_API_SOCK")]
+    socket: Option<PathBuf>,
+    /// Inside the guest: talk to the VMM (CID 2) over AF_VSOCK.
+    #[arg(long, global = true)]
+    vsock: bool,
+    /// With --vsock: another port (for testing; the VMM resets unknown ports). Implies --vsock.
+    #[arg(long, global = true, value_name = "N")]
+    port: Option<u32>,
+    /// Print the server's reply as JSON (the protocol's typed fields) instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
 }
 
-trait Conn: Read + Write {}
-impl<T: Read + Write> Conn for T {}
-
-/// How to reach the update server.
-enum Target {
-    Unix(Option<PathBuf>),
-    Vsock(u32),
+#[derive(Subcommand)]
+enum Cmd {
+    /// Submit a signed patch module.
+    Apply {
+        /// The signed module (`lucosctl sign`).
+        file: PathBuf,
+        /// Wait up to SECS for the patch to commit.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// List the patches, one line each.
+    List,
+    /// Show one patch (or all): functions, data, timings, callbacks, what a transition waits on.
+    Status {
+        /// The patch (default: all).
+        id: Option<u32>,
+    },
+    /// Undo a patch (committed, or still in its transition).
+    Rollback {
+        /// The patch.
+        id: u32,
+        /// Wait up to SECS for the patch's code to drain.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Same as rollback: give up a transition that cannot finish.
+    Cancel {
+        /// The patch.
+        id: u32,
+        /// Wait up to SECS for the patch's code to drain.
+        #[arg(long, value_name = "SECS")]
+        wait: Option<u64>,
+    },
+    /// Write a new ed25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        prefix: String,
+    },
+    /// Append an ed25519 signature to a patch module.
+    Sign {
+        /// The private key (PREFIX.key from `keygen`).
+        #[arg(long, value_name = "PREFIX.key")]
+        key: PathBuf,
+        /// The module (.ko).
+        file: PathBuf,
+        /// Where to write the signed module (default: in place).
+        #[arg(short, value_name = "OUT.ko")]
+        out: Option<PathBuf>,
+    },
 }
 
-fn connect(target: &Target) -> Result<Box<dyn Conn>, String> {
-    let socket = match target {
-        Target::Unix(s) => s,
-        Target::Vsock(port) => {
-            let s = vsock::connect(vsock::HOST_CID, *port)
-                .map_err(|e| format!("vsock connect to cid {} port {port}: {e}", vsock::HOST_CID))?;
-            return Ok(Box::new(s));
+/// Why lucosctl failed, with the exit code of each kind.
+enum Failure {
+    /// A request failed or the server could not be reached (exit 1).
+    Request(String),
+    /// `--wait` gave up (exit 3).
+    Timeout(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        match e {
+            ClientError::WaitTimeout { .. } => Failure::Timeout(e.to_string()),
+            e => Failure::Request(e.to_string()),
         }
-    };
-    let path = socket
-        .clone()
-        .or_else(|| std::env::var_os("LUCOS_API_SOCK").map(PathBuf::from))
-        .ok_or("no API socket: pass --socket PATH or set LUCOS_API_SOCK")?;
-    let s = std::os::unix::net::UnixStream::connect(&path).map_err(|e| format!("connect {}: {e}", path.display()))?;
-    Ok(Box::new(s))
-}
-
-fn call(conn: &mut dyn Conn, op: Op, id: Option<u32>, payload: &[u8]) -> Result<Response, String> {
-    let req = Request {
-        op,
-        id,
-        payload_len: payload.len() as u64,
-    };
-    protocol::write_frame(conn, &req, payload).map_err(|e| e.to_string())?;
-    let resp: Response = protocol::read_header(conn).map_err(|e| e.to_string())?;
-    if resp.ok {
-        Ok(resp)
-    } else {
-        Err(resp.error)
     }
 }
 
-fn print_patches(r: &Response, details: bool) {
+/// One line per patch: id, state, name, replaced functions.
+fn summary_line(p: &PatchInfo) -> String {
+    let funcs: Vec<&str> = p.functions.iter().map(|f| f.old.as_str()).collect();
+    format!(
+        "{:>3}  {:<13} {:<20} {}",
+        p.id,
+        p.state.as_str(),
+        p.name,
+        funcs.join(",")
+    )
+}
+
+/// The multi-line report of `status`.
+fn details(p: &PatchInfo) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "patch {} '{}': {}", p.id, p.name, p.state);
+    if !p.description.is_empty() {
+        let _ = writeln!(s, "  {}", p.description);
+    }
+    for f in &p.functions {
+        let _ = writeln!(
+            s,
+            "  {} ({:#x}, {} bytes) -> {} ({:#x})",
+            f.old, f.old_addr, f.old_size, f.new, f.new_addr
+        );
+    }
+    for d in &p.data {
+        let _ = writeln!(
+            s,
+            "  data {} ({:#x}, {} bytes): new = old * {} / {}; {} trapped writes, {} converted; {}",
+            d.name,
+            d.addr,
+            d.size,
+            d.mul,
+            d.div,
+            d.trapped_writes,
+            d.converted_writes,
+            if d.protected {
+                "write-protected"
+            } else {
+                "not protected"
+            }
+        );
+    }
+    let _ = writeln!(s, "  code+data at {:#x} ({} bytes)", p.image_addr, p.image_size);
+    let _ = writeln!(
+        s,
+        "  vCPUs paused {} us; apply took {} us; {} stack checks",
+        p.pause_us, p.apply_us, p.checks
+    );
+    for c in &p.callbacks {
+        let _ = writeln!(
+            s,
+            "  {} callback '{}' at {:#x} (limit {} ms)",
+            c.kind, c.name, c.addr, c.limit_ms
+        );
+    }
+    for l in &p.callback_log {
+        let _ = writeln!(s, "  {l}");
+    }
+    for b in &p.blockers {
+        let _ = writeln!(s, "  waiting: {} is in {}", b.who, b.at);
+    }
+    for w in &p.warnings {
+        let _ = writeln!(s, "  warning: {w}");
+    }
+    s
+}
+
+/// Prints a reply: JSON, or the message and one line (or the details) per patch.
+fn print_reply(r: &Response, json: bool, full: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r).unwrap_or_default());
+        return;
+    }
     if !r.message.is_empty() {
         println!("{}", r.message);
     }
     for p in &r.patches {
-        if details {
-            print!("{}", p.details);
+        if full {
+            print!("{}", details(p));
         } else {
-            println!("{:>3}  {:<13} {:<20} {}", p.id, p.state, p.name, p.functions.join(","));
+            println!("{}", summary_line(p));
         }
     }
 }
 
-fn wait_for(conn: &mut dyn Conn, id: u32, want: &str, secs: u64) -> Result<(), String> {
+/// Waits for patch `id` to reach `want` and says so.
+fn wait_for(c: &mut Client, id: u32, want: PatchState, secs: u64, json: bool) -> Result<(), Failure> {
     let start = Instant::now();
-    loop {
-        let r = call(conn, Op::Status, Some(id), &[])?;
-        let p = r.patches.first().ok_or("empty status")?;
-        if p.state == want {
-            println!("patch {id} {want} after {:.2}s", start.elapsed().as_secs_f64());
-            return Ok(());
-        }
-        if start.elapsed() > Duration::from_secs(secs) {
-            return Err(format!(
-                "patch {id} still {} after {secs}s; waiting on: {}",
-                p.state,
-                if p.waiting_on.is_empty() {
-                    "-".into()
-                } else {
-                    p.waiting_on.join("; ")
-                }
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn run(args: Vec<String>) -> Result<(), String> {
-    let mut socket = None;
-    let mut use_vsock = std::env::var("LUCOS_VSOCK").is_ok_and(|v| v == "1");
-    let mut port = protocol::VSOCK_PORT;
-    let mut rest = Vec::new();
-    let mut it = args.into_iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--socket" => socket = Some(PathBuf::from(it.next().ok_or("--socket needs a path")?)),
-            "--vsock" => use_vsock = true,
-            "--port" => {
-                let v = it.next().ok_or("--port needs a number")?;
-                port = v.parse().map_err(|_| format!("bad --port '{v}'"))?;
-                use_vsock = true;
-            }
-            _ => rest.push(a),
-        }
-    }
-    let target = if use_vsock && socket.is_none() {
-        Target::Vsock(port)
+    let p = c.wait_state(id, want, Duration::from_secs(secs))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
     } else {
-        Target::Unix(socket)
-    };
-    let opt = |rest: &mut Vec<String>, name: &str| -> Result<Option<String>, String> {
-        match rest.iter().position(|a| a == name) {
-            Some(i) if i + 1 < rest.len() => {
-                let v = rest.remove(i + 1);
-                rest.remove(i);
-                Ok(Some(v))
-            }
-            Some(_) => Err(format!("{name} needs a value")),
-            None => Ok(None),
-        }
-    };
-    let wait = opt(&mut rest, "--wait")?
-        .map(|v| v.parse::<u64>().map_err(|_| format!("bad --wait '{v}'")))
-        .transpose()?;
-    let cmd = rest.first().cloned().unwrap_or_default();
-    match cmd.as_str() {
-        "apply" => {
-            let file = rest.get(1).ok_or("apply needs FILE.ko")?;
-            let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
-            let mut c = connect(&target)?;
-            let r = call(c.as_mut(), Op::Apply, None, &data)?;
-            print_patches(&r, false);
-            if let (Some(secs), Some(p)) = (wait, r.patches.first()) {
-                wait_for(c.as_mut(), p.id, "committed", secs)?;
-            }
-        }
-        "list" => {
-            let r = call(connect(&target)?.as_mut(), Op::List, None, &[])?;
-            if r.patches.is_empty() {
-                println!("no patches");
-            }
-            print_patches(&r, false);
-        }
-        "status" => {
-            let id = rest
-                .get(1)
-                .map(|s| s.parse::<u32>().map_err(|_| format!("bad patch id '{s}'")))
-                .transpose()?;
-            print_patches(&call(connect(&target)?.as_mut(), Op::Status, id, &[])?, true);
-        }
-        "rollback" | "cancel" => {
-            let id: u32 = rest
-                .get(1)
-                .ok_or(format!("{cmd} needs an ID"))?
-                .parse()
-                .map_err(|_| "bad patch id")?;
-            let mut c = connect(&target)?;
-            print_patches(&call(c.as_mut(), Op::Rollback, Some(id), &[])?, false);
-            if let Some(secs) = wait {
-                wait_for(c.as_mut(), id, "rolled-back", secs)?;
-            }
-        }
-        "keygen" => {
-            let prefix = rest.get(1).ok_or("keygen needs PREFIX")?;
-            let (sk, pk) = signing::generate_keypair().map_err(|e| e.to_string())?;
-            let key = format!("{prefix}.key");
-            std::fs::write(&key, format!("{sk}\n")).map_err(|e| format!("{key}: {e}"))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
-            }
-            std::fs::write(format!("{prefix}.pub"), format!("{pk}\n")).map_err(|e| e.to_string())?;
-            println!("wrote {prefix}.key and {prefix}.pub (fingerprint {})", &pk[..16]);
-        }
-        "sign" => {
-            let key = opt(&mut rest, "--key")?.ok_or("sign needs --key PREFIX.key")?;
-            let out = opt(&mut rest, "-o")?;
-            let file = rest.get(1).ok_or("sign needs FILE.ko")?;
-            let sk = signing::load_signing_key(Path::new(&key)).map_err(|e| e.to_string())?;
-            let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
-            if data.ends_with(signing::MAGIC) {
-                return Err(format!("{file} is already signed"));
-            }
-            lucos_update_server::module::PatchModule::parse(&data)
-                .map_err(|e| format!("{file}: not a patch module: {e}"))?;
-            let out = out.unwrap_or_else(|| file.clone());
-            std::fs::write(&out, signing::sign(&data, &sk)).map_err(|e| format!("{out}: {e}"))?;
-            println!("signed {out} with key {}", signing::fingerprint(&sk.verifying_key()));
-        }
-        "" | "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-        }
-        other => return Err(format!("unknown command '{other}'")),
+        println!("patch {id} {want} after {:.2}s", start.elapsed().as_secs_f64());
     }
     Ok(())
 }
 
-/// AF_VSOCK client sockets (Linux), for use inside the guest.
-mod vsock {
-    use std::fs::File;
-    use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
-    /// The host's CID (the VMM).
-    pub const HOST_CID: u32 = 2;
-
-    /// Connects a stream socket to `cid:port`; the socket reads and writes like a file.
-    pub fn connect(cid: u32, port: u32) -> io::Result<File> {
-        // SAFETY: plain system call with integer arguments.
-        let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a socket we just created and own exclusively.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
-        let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
-        addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
-        addr.svm_cid = cid;
-        addr.svm_port = port;
-        let len = std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t;
-        // SAFETY: `addr` is a properly initialized sockaddr_vm that outlives the call and
-        // `len` is its size; `fd` is an open socket.
-        let rc = unsafe {
-            libc::connect(
-                fd.as_raw_fd(),
-                &addr as *const libc::sockaddr_vm as *const libc::sockaddr,
-                len,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(File::from(fd))
+fn target(cli: &Cli) -> Result<Target, Failure> {
+    let env_vsock = std::env::var("LUCOS_VSOCK").is_ok_and(|v| v == "1");
+    let vsock = cli.vsock || cli.port.is_some() || (env_vsock && cli.socket.is_none());
+    if vsock {
+        return Ok(Target::Vsock(cli.port.unwrap_or(protocol::VSOCK_PORT)));
     }
+    cli.socket
+        .clone()
+        .map(Target::Unix)
+        .ok_or_else(|| Failure::Request("no API socket: pass --socket PATH or set LUCOS_API_SOCK".into()))
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, Failure> {
+    std::fs::read(path).map_err(|e| Failure::Request(format!("{}: {e}", path.display())))
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let json = cli.json;
+    match &cli.cmd {
+        Cmd::Apply { file, wait } => {
+            let data = read(file)?;
+            let mut c = Client::connect(&target(&cli)?)?;
+            let r = c.call(Op::Apply, None, &data)?;
+            print_reply(&r, json, false);
+            if let (Some(secs), Some(p)) = (wait, r.patches.first()) {
+                wait_for(&mut c, p.id, PatchState::Committed, *secs, json)?;
+            }
+        }
+        Cmd::List => {
+            let r = Client::connect(&target(&cli)?)?.call(Op::List, None, &[])?;
+            if json {
+                print_reply(&r, true, false);
+            } else {
+                if r.patches.is_empty() {
+                    println!("no patches");
+                }
+                print_reply(&r, false, false);
+                if let Some(n) = r.readonly_pages {
+                    println!("write-protected guest pages: {n}");
+                }
+            }
+        }
+        Cmd::Status { id } => {
+            let r = Client::connect(&target(&cli)?)?.call(Op::Status, *id, &[])?;
+            print_reply(&r, json, true);
+        }
+        Cmd::Rollback { id, wait } | Cmd::Cancel { id, wait } => {
+            let mut c = Client::connect(&target(&cli)?)?;
+            print_reply(&c.call(Op::Rollback, Some(*id), &[])?, json, false);
+            if let Some(secs) = wait {
+                wait_for(&mut c, *id, PatchState::RolledBack, *secs, json)?;
+            }
+        }
+        Cmd::Keygen { prefix } => {
+            let (sk, pk) = signing::generate_keypair().map_err(|e| Failure::Request(e.to_string()))?;
+            let key = format!("{prefix}.key");
+            std::fs::write(&key, format!("{sk}\n")).map_err(|e| Failure::Request(format!("{key}: {e}")))?;
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
+            }
+            std::fs::write(format!("{prefix}.pub"), format!("{pk}\n")).map_err(|e| Failure::Request(e.to_string()))?;
+            println!("wrote {prefix}.key and {prefix}.pub (fingerprint {})", &pk[..16]);
+        }
+        Cmd::Sign { key, file, out } => {
+            let sk = signing::load_signing_key(key).map_err(|e| Failure::Request(e.to_string()))?;
+            let data = read(file)?;
+            if data.ends_with(signing::MAGIC) {
+                return Err(Failure::Request(format!("{} is already signed", file.display())));
+            }
+            lucos_update_server::module::PatchModule::parse(&data)
+                .map_err(|e| Failure::Request(format!("{}: not a patch module: {e}", file.display())))?;
+            let out = out.clone().unwrap_or_else(|| file.clone());
+            std::fs::write(&out, signing::sign(&data, &sk))
+                .map_err(|e| Failure::Request(format!("{}: {e}", out.display())))?;
+            println!(
+                "signed {} with key {}",
+                out.display(),
+                signing::fingerprint(&sk.verifying_key())
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match run(args) {
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.starts_with("unknown command") || e.contains(" needs ") => usage_err(&e),
-        Err(e) => {
+        Err(Failure::Request(e)) => {
             eprintln!("lucosctl: {e}");
             ExitCode::from(1)
+        }
+        Err(Failure::Timeout(e)) => {
+            eprintln!("lucosctl: {e}");
+            ExitCode::from(3)
         }
     }
 }

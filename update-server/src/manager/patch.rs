@@ -2,8 +2,7 @@
 //! its callbacks, what blocks its transition, and its summary for people.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,31 +10,7 @@ use serde::Serialize;
 
 use crate::module::{CallbackKind, DataRule};
 
-/// Where a patch is in its life (see the [`manager`](super) docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PatchState {
-    /// Jumps installed; some vCPU or task may still run an old function.
-    Transition,
-    /// No vCPU and no task stack refers to an old function any more: the update is complete.
-    Committed,
-    /// Original bytes restored; some thread may still run the patch's code, which stays allocated.
-    RollingBack,
-    /// Rolled back, and the patch's memory freed.
-    RolledBack,
-}
-
-impl PatchState {
-    /// Kebab-case name, as in status output and the serialized form (e.g. `rolling-back`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PatchState::Transition => "transition",
-            PatchState::Committed => "committed",
-            PatchState::RollingBack => "rolling-back",
-            PatchState::RolledBack => "rolled-back",
-        }
-    }
-}
+pub use crate::protocol::PatchState;
 
 /// One redirected function.
 #[derive(Debug, Clone, Serialize)]
@@ -166,71 +141,4 @@ pub struct Patch {
     /// When the transition started (set on apply); not serialized.
     #[serde(skip)]
     pub transition_started: Option<Instant>,
-}
-
-impl Patch {
-    /// One line for `list`: id, state, name and the replaced functions.
-    pub fn summary(&self) -> String {
-        let funcs: Vec<&str> = self.funcs.iter().map(|f| f.old_name.as_str()).collect();
-        format!(
-            "{:>3}  {:<13} {:<20} {}",
-            self.id,
-            self.state.as_str(),
-            self.name,
-            funcs.join(",")
-        )
-    }
-
-    /// Multi-line report for `status`: functions, data, timings, callbacks, blockers and warnings.
-    pub fn details(&self) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "patch {} '{}': {}", self.id, self.name, self.state.as_str());
-        if !self.description.is_empty() {
-            let _ = writeln!(s, "  {}", self.description);
-        }
-        for f in &self.funcs {
-            let _ = writeln!(
-                s,
-                "  {} ({:#x}, {} bytes) -> {} ({:#x})",
-                f.old_name, f.old_addr, f.old_size, f.new_name, f.new_addr
-            );
-        }
-        for d in &self.data {
-            let _ = writeln!(
-                s,
-                "  data {} ({:#x}, {} bytes): new = old * {} / {}; {} trapped writes, {} converted; {}",
-                d.name,
-                d.addr,
-                d.size,
-                d.mul,
-                d.div,
-                d.faults.load(Ordering::Relaxed),
-                d.converted.load(Ordering::Relaxed),
-                if d.protected {
-                    "write-protected"
-                } else {
-                    "not protected"
-                }
-            );
-        }
-        let _ = writeln!(s, "  code+data at {:#x} ({} bytes)", self.image_addr, self.image_size);
-        let _ = writeln!(
-            s,
-            "  vCPUs paused {} us; apply took {} us; {} stack checks",
-            self.pause_us, self.apply_us, self.checks
-        );
-        for c in &self.callbacks {
-            let _ = writeln!(s, "  {} at {:#x} (limit {} ms)", c.describe(), c.addr, c.limit_ms);
-        }
-        for l in &self.callback_log {
-            let _ = writeln!(s, "  {l}");
-        }
-        for b in &self.blockers {
-            let _ = writeln!(s, "  waiting: {} is in {}", b.who, b.at);
-        }
-        for w in &self.warnings {
-            let _ = writeln!(s, "  warning: {w}");
-        }
-        s
-    }
 }

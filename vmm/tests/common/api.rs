@@ -1,10 +1,10 @@
 //! The update API from a test: signing keys, requests over the Unix socket, waiting for states.
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use lucos_update_server::protocol::{self, Op, Request, Response};
+use lucos_update_server::client::{Client, Target};
+use lucos_update_server::protocol::{Op, PatchInfo, PatchState, Response};
 use lucos_update_server::signing;
 
 /// A fresh ed25519 key pair written to `dir` (k.key, k.pub).
@@ -39,31 +39,18 @@ impl Keys {
     }
 }
 
-/// One request on the API socket.
+/// One request on the API socket; the reply, success or not.
 pub fn call(sock: &Path, op: Op, id: Option<u32>, payload: &[u8]) -> Response {
-    let mut s = UnixStream::connect(sock).expect("connect API socket");
-    let req = Request {
-        op,
-        id,
-        payload_len: payload.len() as u64,
-    };
-    protocol::write_frame(&mut s, &req, payload).unwrap();
-    protocol::read_header(&mut s).unwrap()
+    Client::connect(&Target::Unix(sock.into()))
+        .expect("connect API socket")
+        .request(op, id, payload)
+        .expect("API request")
 }
 
-/// Polls `status id` until the patch is in state `want`.
-pub fn wait_state(sock: &Path, id: u32, want: &str) -> Response {
-    let start = Instant::now();
-    loop {
-        let r = call(sock, Op::Status, Some(id), &[]);
-        assert!(r.ok, "{r:?}");
-        if r.patches[0].state == want {
-            return r;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "patch {id} never became {want}: {r:?}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Polls `status id` until the patch is in state `want` (at most 300 s).
+pub fn wait_state(sock: &Path, id: u32, want: PatchState) -> PatchInfo {
+    Client::connect(&Target::Unix(sock.into()))
+        .expect("connect API socket")
+        .wait_state(id, want, Duration::from_secs(300))
+        .unwrap_or_else(|e| panic!("patch {id} never became {want}: {e}"))
 }

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use lucos_update_server::protocol::{Op, Response};
+use lucos_update_server::protocol::{Op, PatchInfo, PatchState, Response};
 
 use super::api::{call, wait_state, Keys};
 use super::session::{build_patch, tempdir, Session};
@@ -63,7 +63,7 @@ impl PatchedGuest {
     /// Submits `module` and waits for it to commit; returns the patch id.
     pub fn apply_committed(&self, module: &[u8]) -> u32 {
         let id = self.apply(module);
-        self.wait(id, "committed");
+        self.wait(id, PatchState::Committed);
         id
     }
 
@@ -71,11 +71,11 @@ impl PatchedGuest {
     pub fn rollback(&self, id: u32) {
         let r = self.call(Op::Rollback, Some(id), &[]);
         assert!(r.ok, "rollback {id}: {r:?}");
-        self.wait(id, "rolled-back");
+        self.wait(id, PatchState::RolledBack);
     }
 
     /// Polls the status of patch `id` until it is in state `want`.
-    pub fn wait(&self, id: u32, want: &str) -> Response {
+    pub fn wait(&self, id: u32, want: PatchState) -> PatchInfo {
         wait_state(&self.sock, id, want)
     }
 
