@@ -41,6 +41,17 @@ const IDLE_FUNCTIONS: &[&str] = &[
     "default_idle_call",
 ];
 
+/// Runs `f` until it succeeds once: `done` records that it did (a failure is retried on
+/// the next call).
+fn once(done: &Mutex<bool>, f: impl FnOnce() -> Result<(), GuestError>) -> Result<(), GuestError> {
+    let mut d = done.lock().unwrap_or_else(|e| e.into_inner());
+    if !*d {
+        f()?;
+        *d = true;
+    }
+    Ok(())
+}
+
 /// The running VM as the update server sees it.
 pub struct VmGuest {
     handle: VmHandle,
@@ -101,14 +112,11 @@ impl VmGuest {
 
     fn ensure_call_area(&self) -> Result<(), GuestError> {
         self.ensure_mapped()?;
-        let mut ready = self.call_area_ready.lock().unwrap_or_else(|e| e.into_inner());
-        if !*ready {
+        once(&self.call_area_ready, || {
             self.call_area
                 .install(self.handle.memory())
-                .map_err(|e| GuestError::Call(e.into()))?;
-            *ready = true;
-        }
-        Ok(())
+                .map_err(|e| GuestError::Call(e.into()))
+        })
     }
 
     /// Runs one guest call: waits for a vCPU at a safe point, hands it the call, waits
@@ -171,27 +179,22 @@ impl VmGuest {
 
     /// Maps the patch region into the guest kernel's address space (once).
     fn ensure_mapped(&self) -> Result<(), GuestError> {
-        let mut m = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
-        if !*m {
+        once(&self.mapped, || {
             self.kernel
                 .map_high(self.handle.memory(), self.region.gpa, PATCH_REGION_SIZE)
-                .map_err(|e| GuestError::Memory(e.into()))?;
-            *m = true;
-        }
-        Ok(())
+                .map(|_| ())
+                .map_err(|e| GuestError::Memory(e.into()))
+        })
     }
 
     /// Before the first write into the guest: the running kernel must be the vmlinux the
     /// symbols came from (same `linux_banner`), or nothing is written.
     fn ensure_verified(&self) -> Result<(), GuestError> {
-        let mut v = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if !*v {
+        once(&self.verified, || {
             self.kernel
                 .verify(self.handle.memory())
-                .map_err(|e| GuestError::KernelMismatch(e.into()))?;
-            *v = true;
-        }
-        Ok(())
+                .map_err(|e| GuestError::KernelMismatch(e.into()))
+        })
     }
 
     fn state(s: &VcpuSnapshot) -> VcpuState {
