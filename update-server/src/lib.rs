@@ -1,7 +1,7 @@
 //! The lucos update server: applies live patches to a running guest kernel from outside
 //! it. It runs inside the lucos-vmm process, next to the vCPUs it pauses.
 //!
-//! Modules (see ../shared/DESIGN.md, steps 2-7):
+//! Modules (see docs/design.md):
 //! - `protocol`: the framed wire protocol (length-prefixed JSON header + payload) spoken on
 //!   the vsock host end (CID 2, fixed port) and on the VMM's Unix API socket.
 //! - `client`: a client of the protocol (Unix socket or AF_VSOCK), used by `lucosctl` and

@@ -12,6 +12,11 @@
 //! - [`devices`]: port-I/O devices (8250 serial, i8042 reset) and the virtio-mmio vsock
 //!   device, with the port-I/O and MMIO buses.
 //! - [`vcpu`]: vCPU threads, their run loop and kicking them out of KVM_RUN.
+//! - [`pause`]: stopping every vCPU (for a patch) and letting them go again.
+//! - [`introspect`]: looking into the running guest kernel: the vmlinux (read once), its
+//!   BTF layouts, guest-virtual memory through its page tables, its task list.
+//! - [`symbols`]: the vmlinux symbol table, by name and by address.
+//! - [`profile`]: `--profile`, sampling where the vCPUs are.
 //! - [`fault`]: decoding and reporting guest exits the VMM cannot handle.
 //! - [`console`]: the host terminal side of the serial console.
 //! - [`host`]: what the host's KVM is, and the guest CPU model (CPUID, command line,
