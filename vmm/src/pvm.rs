@@ -74,7 +74,7 @@ pub struct ShimParams {
     pub va: u64,
     /// MSR_LSTAR: the kernel's syscall entry.
     pub lstar: u64,
-    /// Kernel CS and SS as `syscall` loads them from MSR_STAR[47:32].
+    /// Kernel CS and SS as `syscall` loads them from `MSR_STAR[47:32]`.
     pub kernel_cs: u16,
     /// Kernel SS: kernel CS + 8, as `syscall` loads it.
     pub kernel_ss: u16,

@@ -34,7 +34,7 @@ pub struct BootPageTables {
     pub pd: [u64; 512],
 }
 
-/// Builds the identity map: PML4[0] -> PDPT[0] -> PD of 512 x 2 MiB pages.
+/// Builds the identity map: `PML4[0] -> PDPT[0] -> PD` of 512 x 2 MiB pages.
 pub fn boot_page_tables() -> BootPageTables {
     let mut t = BootPageTables {
         pml4: [0; 512],
