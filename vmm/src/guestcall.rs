@@ -409,6 +409,72 @@ pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> R
     }))
 }
 
+/// What one run of a vCPU during a call came to, as [`drive`] needs it.
+pub enum CallExit {
+    /// An `out` to [`PORT_RETURN`] or [`PORT_EXCEPTION`].
+    Port(u16),
+    /// The VM is stopping.
+    Stopping,
+    /// The vCPU cannot go on (emulation failure, fatal exit).
+    Failed(CallError),
+    /// Something else the vCPU loop handled (device I/O, a pause): run again.
+    Other,
+}
+
+/// The vCPU a call runs on, as the call loop sees it.
+pub trait CallVcpu {
+    /// Its KVM handle, and guest memory.
+    fn parts(&mut self) -> (&mut VcpuFd, &GuestMem);
+    /// Runs the vCPU until its next exit and handles what is not the call's business.
+    fn step(&mut self) -> CallExit;
+}
+
+/// How a call ended.
+pub struct CallOutcome {
+    /// The callback's return value, or why it has none.
+    pub result: Result<u64, CallError>,
+    /// Whether the vCPU's own state was put back; an error here leaves the guest broken.
+    pub restored: Result<(), CallError>,
+}
+
+/// Runs `func(args)` on `v` (see the module docs): enters the call, steps the vCPU until
+/// the trampoline reports a return or an exception (or `expired` is set, after `limit`),
+/// and restores the vCPU. The one call loop: the vCPU threads and the tests both use it.
+pub fn drive(
+    v: &mut impl CallVcpu,
+    id: u8,
+    area: &CallArea,
+    safe: SafePoint,
+    call: (u64, [u64; 2]),
+    expired: &std::sync::atomic::AtomicBool,
+    limit: std::time::Duration,
+) -> Result<CallOutcome, CallError> {
+    let (func, args) = call;
+    let mut saved = enter(v.parts().0, id, area, safe, func, args)?;
+    let result = loop {
+        if expired.load(std::sync::atomic::Ordering::Acquire) {
+            let rip = v.parts().0.get_regs().map(|r| r.rip).unwrap_or(0);
+            break Err(CallError::Timeout { limit, rip });
+        }
+        match v.step() {
+            CallExit::Port(port) => {
+                let (fd, mem) = v.parts();
+                let step = on_port(fd, mem, &mut saved, port);
+                match step {
+                    Ok(Step::Returned(r)) => break Ok(r),
+                    Ok(Step::Continue) => {}
+                    Ok(Step::Failed(e)) | Err(e) => break Err(e),
+                }
+            }
+            CallExit::Stopping => break Err(CallError::Stopping),
+            CallExit::Failed(e) => break Err(e),
+            CallExit::Other => {}
+        }
+    };
+    let restored = leave(v.parts().0, &saved);
+    Ok(CallOutcome { result, restored })
+}
+
 /// Restores the vCPU's state from before the call (and delivers a held NMI).
 pub fn leave(vcpu: &mut VcpuFd, saved: &Saved) -> Result<(), CallError> {
     // The trampoline's last `out` is completed first, then the state replaced.

@@ -21,7 +21,7 @@ use crate::devices::virtio::muxer::ListenerSlot;
 use crate::devices::Bus;
 use crate::events::VmEvent;
 use crate::fault;
-use crate::guestcall::{self, CallArea, CallError, SafePoint, Step, PORT_EXCEPTION, PORT_RETURN};
+use crate::guestcall::{self, CallArea, CallError, SafePoint, PORT_EXCEPTION, PORT_RETURN};
 use crate::memory::GuestMem;
 use crate::pause::{PauseControl, VcpuSnapshot};
 use crate::symbols::SymbolTable;
@@ -149,6 +149,39 @@ pub fn kick_thread(thread: libc::pthread_t) {
     }
 }
 
+impl guestcall::CallVcpu for Vcpu {
+    fn parts(&mut self) -> (&mut VcpuFd, &GuestMem) {
+        (&mut self.fd, &self.shared.mem)
+    }
+
+    fn step(&mut self) -> guestcall::CallExit {
+        use guestcall::CallExit;
+        if self.shared.stop.load(Ordering::Acquire) {
+            return CallExit::Stopping;
+        }
+        let next = self.run_once();
+        self.park_if_requested();
+        match next {
+            Next::CallPort(port) => CallExit::Port(port),
+            Next::InternalError { suberror } => {
+                let insn = fault::decode_at_rip(&self.fd, &self.shared.mem)
+                    .map(|d| format!("at {:#x}: {}", d.rip, d.text))
+                    .unwrap_or_default();
+                CallExit::Failed(CallError::Emulation(format!(
+                    "KVM_EXIT_INTERNAL_ERROR ({}, suberror {suberror}) {insn}",
+                    fault::internal_error_name(suberror)
+                )))
+            }
+            Next::Fatal(what) => CallExit::Failed(CallError::Emulation(what)),
+            Next::Stop => CallExit::Stopping,
+            other => {
+                self.dispatch(other);
+                CallExit::Other
+            }
+        }
+    }
+}
+
 /// One vCPU.
 pub struct Vcpu {
     /// vCPU index, from 0 (the KVM vCPU id).
@@ -244,49 +277,26 @@ impl Vcpu {
 
     /// Runs a guest call on this vCPU and restores its state (see [`crate::guestcall`]).
     fn guest_call(&mut self, job: &CallJob) -> Result<u64, CallError> {
-        let mut saved = guestcall::enter(&mut self.fd, self.id, &job.area, job.safe, job.func, job.args)?;
         debug!(
             "vcpu{}: guest call {:#x}({:#x}, {:#x})",
             self.id, job.func, job.args[0], job.args[1]
         );
-        let outcome = loop {
-            if self.shared.stop.load(Ordering::Acquire) {
-                break Err(CallError::Stopping);
-            }
-            if job.expired.load(Ordering::Acquire) {
-                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                break Err(CallError::Timeout { limit: job.limit, rip });
-            }
-            let next = self.run_once();
-            self.park_if_requested();
-            match next {
-                Next::CallPort(port) => match guestcall::on_port(&self.fd, &self.shared.mem, &mut saved, port) {
-                    Ok(Step::Returned(v)) => break Ok(v),
-                    Ok(Step::Continue) => {}
-                    Ok(Step::Failed(e)) | Err(e) => break Err(e),
-                },
-                Next::InternalError { suberror } => {
-                    let insn = fault::decode_at_rip(&self.fd, &self.shared.mem)
-                        .map(|d| format!("at {:#x}: {}", d.rip, d.text))
-                        .unwrap_or_default();
-                    break Err(CallError::Emulation(format!(
-                        "KVM_EXIT_INTERNAL_ERROR ({}, suberror {suberror}) {insn}",
-                        fault::internal_error_name(suberror)
-                    )));
-                }
-                Next::Fatal(what) => break Err(CallError::Emulation(what)),
-                Next::Stop => break Err(CallError::Stopping),
-                other => {
-                    self.dispatch(other);
-                }
-            }
-        };
-        if let Err(e) = guestcall::leave(&mut self.fd, &saved) {
-            let msg = format!("vCPU {}: cannot restore its state after a guest call: {e}", self.id);
+        let id = self.id;
+        let out = guestcall::drive(
+            self,
+            id,
+            &job.area,
+            job.safe,
+            (job.func, job.args),
+            &job.expired,
+            job.limit,
+        )?;
+        if let Err(e) = out.restored {
+            let msg = format!("vCPU {id}: cannot restore its state after a guest call: {e}");
             let _ = self.shared.events.send(VmEvent::Crash(msg));
             return Err(e);
         }
-        outcome
+        out.result
     }
 
     fn snapshot(&self) -> VcpuSnapshot {

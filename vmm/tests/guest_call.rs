@@ -7,7 +7,12 @@
 use iced_x86::code_asm::*;
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::VcpuExit;
-use lucos_vmm::guestcall::{self, CallArea, CallError, SafePoint, Step, PORT_EXCEPTION, PORT_RETURN};
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use kvm_ioctls::VcpuFd;
+use lucos_vmm::guestcall::{self, CallArea, CallError, CallExit, CallVcpu, SafePoint, PORT_EXCEPTION, PORT_RETURN};
+use lucos_vmm::memory::GuestMem;
 use lucos_vmm::microvm::{self, KCODE};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -76,6 +81,25 @@ fn run_to_port(vcpu: &mut kvm_ioctls::VcpuFd) -> u16 {
     }
 }
 
+/// The micro VM as the production call loop ([`guestcall::drive`]) sees a vCPU: each step
+/// runs to the next `out`, which during a call must be one of the call ports.
+struct Micro<'a>(&'a mut microvm::MicroVm);
+
+impl CallVcpu for Micro<'_> {
+    fn parts(&mut self) -> (&mut VcpuFd, &GuestMem) {
+        (&mut self.0.vcpu, &self.0.mem)
+    }
+
+    fn step(&mut self) -> CallExit {
+        let port = run_to_port(&mut self.0.vcpu);
+        assert!(
+            port == PORT_RETURN || port == PORT_EXCEPTION,
+            "port {port:#x} during the call"
+        );
+        CallExit::Port(port)
+    }
+}
+
 fn call(
     m: &mut microvm::MicroVm,
     area: &CallArea,
@@ -83,21 +107,18 @@ fn call(
     func: u64,
     args: [u64; 2],
 ) -> Result<u64, CallError> {
-    let mut saved = guestcall::enter(&mut m.vcpu, 0, area, safe, func, args)?;
-    let result = loop {
-        let port = run_to_port(&mut m.vcpu);
-        assert!(
-            port == PORT_RETURN || port == PORT_EXCEPTION,
-            "port {port:#x} during the call"
-        );
-        match guestcall::on_port(&m.vcpu, &m.mem, &mut saved, port)? {
-            Step::Returned(v) => break Ok(v),
-            Step::Continue => continue,
-            Step::Failed(e) => break Err(e),
-        }
-    };
-    guestcall::leave(&mut m.vcpu, &saved)?;
-    result
+    let never = AtomicBool::new(false);
+    let out = guestcall::drive(
+        &mut Micro(m),
+        0,
+        area,
+        safe,
+        (func, args),
+        &never,
+        Duration::from_secs(1),
+    )?;
+    out.restored?;
+    out.result
 }
 
 fn setup(user: bool) -> (microvm::MicroVm, CallArea, [u64; 3]) {
