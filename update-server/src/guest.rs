@@ -50,19 +50,26 @@ pub struct VcpuState {
     pub kernel_mode: bool,
 }
 
-/// A guest task and the part of its kernel stack that may hold live return addresses.
+/// A guest task, as the VMM reads it from the kernel's task list. Which part of its stack
+/// can hold live return addresses is decided by the stack inspection
+/// ([`crate::manager::inspect`]), not here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskState {
-    /// Address of the task's `task_struct` (0 for a vCPU's non-task stack).
+    /// Address of the task's `task_struct`.
     pub task: u64,
-    /// Task's pid (-1 for a vCPU's non-task stack).
+    /// Task's pid.
     pub pid: i32,
-    /// Task's `comm` (command name), or `vCPU N stack` for a non-task stack.
+    /// Task's `comm` (command name).
     pub comm: String,
     /// Scheduler state letter as in `ps` (`R`, `S`, `D`, `T`, `X`, `I`, or `?`).
     pub state: String,
-    /// [lo, hi) to scan; None when the task holds no kernel frames (e.g. running in user mode).
-    pub scan: Option<(u64, u64)>,
+    /// Its kernel stack, `[base, top)`; None once the kernel freed it (an exited task
+    /// waiting to be reaped: it can run no code).
+    pub stack: Option<(u64, u64)>,
+    /// The stack pointer saved when it was last switched out (`thread.sp`).
+    pub saved_sp: u64,
+    /// The CPU it is running on right now, if it is running.
+    pub on_cpu: Option<u32>,
 }
 
 /// The guest-virtual window the VMM reserved for patch code and data.
@@ -93,9 +100,8 @@ pub trait Guest: Send + Sync {
     /// Stops every vCPU, calls `f` with their states, resumes them. Returns how long the
     /// vCPUs were stopped.
     fn stop_the_world(&self, f: &mut dyn FnMut(&[VcpuState])) -> Result<Duration, GuestError>;
-    /// Lists guest tasks with their stack scan ranges; call inside `stop_the_world` for a
-    /// consistent view (`vcpus` tells which tasks are running and where).
-    fn tasks(&self, vcpus: &[VcpuState]) -> Result<Vec<TaskState>, GuestError>;
+    /// Lists the guest's tasks; call inside `stop_the_world` for a consistent view.
+    fn tasks(&self) -> Result<Vec<TaskState>, GuestError>;
     /// The reserved patch window.
     fn patch_region(&self) -> PatchRegion;
     /// Write-protects the page(s) of kernel object `[va, va+len)` for `owner`: reads stay

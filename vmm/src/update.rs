@@ -252,46 +252,20 @@ impl Guest for VmGuest {
         Ok(t0.elapsed())
     }
 
-    fn tasks(&self, vcpus: &[VcpuState]) -> Result<Vec<TaskState>, GuestError> {
+    fn tasks(&self) -> Result<Vec<TaskState>, GuestError> {
         let tasks = list_tasks(&self.kernel, self.handle.memory()).map_err(|e| GuestError::Introspection(e.into()))?;
-        let in_stack = |sp: u64, base: u64| sp >= base && sp < base + THREAD_SIZE;
-        let mut out = Vec::with_capacity(tasks.len() + vcpus.len());
-        for t in &tasks {
-            let top = t.stack_base + THREAD_SIZE;
-            let scan = if t.on_cpu {
-                match vcpus.iter().find(|v| v.id as u32 == t.cpu) {
-                    Some(v) if !v.kernel_mode => None,
-                    Some(v) if in_stack(v.rsp, t.stack_base) => Some((v.rsp & !7, top)),
-                    _ => Some((t.stack_base, top)),
-                }
-            } else if in_stack(t.saved_sp, t.stack_base) {
-                Some((t.saved_sp & !7, top))
-            } else {
-                Some((t.stack_base, top))
-            };
-            out.push(TaskState {
+        Ok(tasks
+            .iter()
+            .map(|t| TaskState {
                 task: t.addr,
                 pid: t.pid,
                 comm: t.comm.clone(),
                 state: t.state_name().into(),
-                scan,
-            });
-        }
-        // vCPUs running on a stack that is no task's (IRQ/exception stacks).
-        for v in vcpus.iter().filter(|v| v.kernel_mode) {
-            if !tasks.iter().any(|t| in_stack(v.rsp, t.stack_base)) {
-                let lo = v.rsp & !7;
-                let hi = (v.rsp | (THREAD_SIZE - 1)) + 1;
-                out.push(TaskState {
-                    task: 0,
-                    pid: -1,
-                    comm: format!("vCPU {} stack", v.id),
-                    state: "R".into(),
-                    scan: Some((lo, hi)),
-                });
-            }
-        }
-        Ok(out)
+                stack: (t.stack_base != 0).then_some((t.stack_base, t.stack_base + THREAD_SIZE)),
+                saved_sp: t.saved_sp,
+                on_cpu: t.on_cpu.then_some(t.cpu),
+            })
+            .collect())
     }
 
     fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {

@@ -7,7 +7,7 @@ use log::{info, warn};
 
 use super::patch::{Blocker, Patch, PatchState};
 use super::{owner, ApplyError, Manager};
-use crate::guest::{Guest, GuestError, VcpuState};
+use crate::guest::{Guest, GuestError, TaskState, VcpuState};
 use crate::module::CallbackKind;
 
 impl Manager {
@@ -111,7 +111,76 @@ impl Manager {
     }
 }
 
-/// Scans vCPU RIPs and every task's kernel stack for addresses inside `ranges`.
+/// A stack region to scan, and whom it belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// `task PID (comm, state)` or `vCPU N stack`.
+    pub who: String,
+    /// The task's pid and `task_struct` (None for a vCPU's own stack).
+    pub task: Option<(i32, u64)>,
+    /// `[lo, hi)`: the part that can hold live frames.
+    pub range: (u64, u64),
+}
+
+/// The commit check's whole policy of *where* live return addresses can be, with the
+/// argument for why it misses none:
+///
+/// - a task that runs on a vCPU in user mode has no kernel frames (its kernel stack is
+///   empty between system calls): nothing to scan;
+/// - a task that runs on a vCPU in kernel mode, on its own stack: from that vCPU's RSP to
+///   the top (everything below RSP is dead);
+/// - a task that runs in kernel mode but whose vCPU is on another stack (an IRQ, softirq or
+///   exception stack): the task's whole stack (its interrupted frames are on it), and the
+///   vCPU's stack separately (below);
+/// - a task that is not running: from its saved stack pointer (`thread.sp`) to the top, or
+///   the whole stack when the saved pointer is outside it;
+/// - a vCPU in kernel mode on a stack that is no task's (IRQ, softirq, exception stacks):
+///   from its RSP to the end of that stack (stacks are `stack size`-aligned blocks of the
+///   same size as task stacks on x86-64);
+/// - a task whose stack the kernel already freed (it exited and waits to be reaped) runs no
+///   code and has no frames: nothing to scan.
+///
+/// Scanning more than needed can only delay a commit, never allow a wrong one.
+pub fn scan_ranges(tasks: &[TaskState], vcpus: &[VcpuState]) -> Vec<Scan> {
+    let mut out = Vec::with_capacity(tasks.len() + vcpus.len());
+    let in_stack = |sp: u64, t: &TaskState| t.stack.is_some_and(|(lo, hi)| sp >= lo && sp < hi);
+    for t in tasks {
+        let Some(stack) = t.stack else { continue };
+        let top = stack.1;
+        let range = match t.on_cpu.and_then(|cpu| vcpus.iter().find(|v| u32::from(v.id) == cpu)) {
+            Some(v) if !v.kernel_mode => None,
+            Some(v) if in_stack(v.rsp, t) => Some((v.rsp & !7, top)),
+            Some(_) => Some(stack),
+            None if in_stack(t.saved_sp, t) => Some((t.saved_sp & !7, top)),
+            None => Some(stack),
+        };
+        if let Some(range) = range {
+            out.push(Scan {
+                who: format!("task {} ({}, {})", t.pid, t.comm, t.state),
+                task: Some((t.pid, t.task)),
+                range,
+            });
+        }
+    }
+    let stack_size = tasks
+        .iter()
+        .find_map(|t| t.stack.map(|(lo, hi)| hi - lo))
+        .unwrap_or(16 << 10);
+    for v in vcpus.iter().filter(|v| v.kernel_mode) {
+        if !tasks.iter().any(|t| in_stack(v.rsp, t)) {
+            out.push(Scan {
+                who: format!("vCPU {} stack", v.id),
+                task: None,
+                range: (v.rsp & !7, (v.rsp | (stack_size - 1)) + 1),
+            });
+        }
+    }
+    out
+}
+
+/// Scans vCPU RIPs and the stacks [`scan_ranges`] picks for addresses inside `ranges`. A
+/// stack that cannot be read counts as a blocker: the check must never say "no thread in
+/// old code" when one may be.
 pub fn find_blockers(
     g: &dyn Guest,
     vcpus: &[VcpuState],
@@ -129,19 +198,24 @@ pub fn find_blockers(
         }
     }
     let mut buf = Vec::new();
-    for t in g.tasks(vcpus)? {
-        let Some((lo, hi)) = t.scan else { continue };
+    for scan in scan_ranges(&g.tasks()?, vcpus) {
+        let (lo, hi) = scan.range;
         buf.resize((hi - lo) as usize, 0);
-        if g.read(lo, &mut buf).is_err() {
+        if let Err(e) = g.read(lo, &mut buf) {
+            out.push(Blocker {
+                who: scan.who,
+                at: format!("an unreadable stack at {lo:#x} ({e})"),
+                task: scan.task,
+            });
             continue;
         }
         for w in buf.chunks_exact(8) {
             let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
             if let Some((_, _, what)) = hit(v) {
                 out.push(Blocker {
-                    who: format!("task {} ({}, {})", t.pid, t.comm, t.state),
+                    who: scan.who,
                     at: format!("{what} ({})", g.describe(v)),
-                    task: (t.task != 0).then_some((t.pid, t.task)),
+                    task: scan.task,
                 });
                 break;
             }

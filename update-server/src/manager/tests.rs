@@ -19,6 +19,10 @@ struct FakeGuest {
     rules: Mutex<Vec<(u64, u64, String, WriteRule)>>,
     fail_protect: bool,
     calls: Mutex<Vec<(u64, [u64; 2])>>,
+    /// The task list `tasks()` reports.
+    task_list: Mutex<Vec<TaskState>>,
+    /// Reads at or above this address fail (0: none do).
+    unreadable_from: u64,
 }
 
 const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
@@ -48,6 +52,9 @@ impl Guest for FakeGuest {
         format!("{a:#x}")
     }
     fn read(&self, va: u64, buf: &mut [u8]) -> Result<(), GuestError> {
+        if self.unreadable_from != 0 && va + buf.len() as u64 > self.unreadable_from {
+            return Err(GuestError::Memory(format!("{va:#x} not mapped").into()));
+        }
         let m = self.mem.lock().unwrap();
         for (i, b) in buf.iter_mut().enumerate() {
             *b = *m.get(&(va + i as u64)).unwrap_or(&0);
@@ -65,8 +72,8 @@ impl Guest for FakeGuest {
         f(&[]);
         Ok(Duration::ZERO)
     }
-    fn tasks(&self, _: &[VcpuState]) -> Result<Vec<TaskState>, GuestError> {
-        Ok(vec![])
+    fn tasks(&self) -> Result<Vec<TaskState>, GuestError> {
+        Ok(self.task_list.lock().unwrap().clone())
     }
     fn patch_region(&self) -> PatchRegion {
         PatchRegion { va: 0, size: 0 }
@@ -258,4 +265,83 @@ fn a_failing_revert_callback_is_reported_and_the_rollback_goes_on() {
     let mut site = [0u8; 5];
     g.read(OLD_CODE, &mut site).unwrap();
     assert_eq!(site, FTRACE_NOP, "original bytes back");
+}
+
+const STACK: u64 = 0xffff_c900_0001_0000;
+const STACK_SIZE: u64 = 16 << 10;
+
+fn task(pid: i32, base: u64, saved_sp: u64, on_cpu: Option<u32>) -> TaskState {
+    TaskState {
+        task: 0xffff_8880_0100_0000 + pid as u64 * 0x1000,
+        pid,
+        comm: format!("t{pid}"),
+        state: "S".into(),
+        stack: (base != 0).then_some((base, base + STACK_SIZE)),
+        saved_sp,
+        on_cpu,
+    }
+}
+
+fn vcpu(id: u8, rsp: u64, kernel_mode: bool) -> VcpuState {
+    VcpuState {
+        id,
+        rip: 0xffff_ffff_8100_0000,
+        rsp,
+        kernel_mode,
+    }
+}
+
+#[test]
+fn scan_ranges_cover_every_stack_a_frame_can_be_on() {
+    let (a, b, c, d) = (
+        STACK,
+        STACK + STACK_SIZE,
+        STACK + 2 * STACK_SIZE,
+        STACK + 3 * STACK_SIZE,
+    );
+    let irq_stack = 0xffff_fe00_0000_8000u64;
+    let tasks = [
+        task(1, a, a + 0x100, None), // asleep: from its saved sp
+        task(2, b, 0, None),         // asleep, saved sp outside: whole stack
+        task(3, c, 0, Some(0)),      // running in user mode: nothing
+        task(4, d, 0, Some(1)),      // running in the kernel on an IRQ stack: whole stack
+    ];
+    let vcpus = [vcpu(0, 0x7fff_0000, false), vcpu(1, irq_stack + 0x3f00, true)];
+    let scans = inspect::scan_ranges(&tasks, &vcpus);
+    let range = |who: &str| scans.iter().find(|s| s.who.starts_with(who)).map(|s| s.range);
+    assert_eq!(range("task 1 "), Some((a + 0x100, a + STACK_SIZE)));
+    assert_eq!(range("task 2 "), Some((b, b + STACK_SIZE)));
+    assert_eq!(range("task 3 "), None, "user mode: no kernel frames");
+    assert_eq!(range("task 4 "), Some((d, d + STACK_SIZE)));
+    assert_eq!(
+        range("vCPU 1 stack"),
+        Some((irq_stack + 0x3f00, irq_stack + STACK_SIZE)),
+        "the IRQ stack the vCPU is on, from its RSP"
+    );
+    // A task running in the kernel on its own stack: from the vCPU's RSP.
+    let t = [task(5, a, 0, Some(0))];
+    let scans = inspect::scan_ranges(&t, &[vcpu(0, a + 0x2000, true)]);
+    assert_eq!(scans.len(), 1, "{scans:?}");
+    assert_eq!(scans[0].range, (a + 0x2000, a + STACK_SIZE));
+    // An exited task whose stack is freed has nothing to scan.
+    assert!(inspect::scan_ranges(&[task(6, 0, 0, None)], &[]).is_empty());
+}
+
+#[test]
+fn an_unreadable_stack_blocks_the_commit() {
+    let g = FakeGuest {
+        unreadable_from: STACK + STACK_SIZE,
+        ..Default::default()
+    };
+    *g.task_list.lock().unwrap() = vec![task(1, STACK, 0, None), task(2, STACK + STACK_SIZE, 0, None)];
+    let old = (0xffff_ffff_8100_0000u64, 0xffff_ffff_8100_0100u64, "old_fn".to_string());
+    g.write(STACK + 0x800, &(old.0 + 0x10).to_le_bytes()).unwrap();
+    let b = find_blockers(&g, &[], std::slice::from_ref(&old)).unwrap();
+    assert_eq!(b.len(), 2, "{b:?}");
+    assert!(b[0].who.starts_with("task 1 ") && b[0].at.contains("old_fn"), "{b:?}");
+    assert!(
+        b[1].who.starts_with("task 2 ") && b[1].at.contains("unreadable"),
+        "{b:?}"
+    );
+    assert_eq!(b[1].task.map(|t| t.0), Some(2), "named, so status shows it");
 }
