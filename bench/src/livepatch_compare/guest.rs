@@ -14,6 +14,8 @@ pub struct Guest {
     lines: Receiver<String>,
     tail: VecDeque<String>,
     n: u32,
+    /// A command timed out or the console closed: the guest is gone or hung.
+    lost: bool,
     /// Where the whole console goes.
     pub log: PathBuf,
 }
@@ -68,6 +70,7 @@ impl Guest {
             lines,
             tail: VecDeque::new(),
             n: 0,
+            lost: false,
             log,
         };
         g.expect(|l| l.contains("lucos-init: starting shell"), a.timeout)
@@ -101,12 +104,21 @@ impl Guest {
                         return Ok(l);
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => return Err(format!("no answer within {timeout:?}")),
+                Err(RecvTimeoutError::Timeout) => {
+                    self.lost = true;
+                    return Err(format!("no answer within {timeout:?}"));
+                }
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err("the guest's console closed (lucos-vmm exited)".into())
+                    self.lost = true;
+                    return Err("the guest's console closed (lucos-vmm exited)".into());
                 }
             }
         }
+    }
+
+    /// Whether the guest is gone (lucos-vmm exited) or stopped answering.
+    pub fn lost(&mut self) -> bool {
+        self.lost || !matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Runs a shell command in the guest; returns its output lines.

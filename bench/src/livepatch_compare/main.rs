@@ -255,12 +255,103 @@ struct Bench {
     uts_sem: String,
     /// lucos patch ids currently applied, per pair.
     lucos_ids: [Option<u32>; 2],
+    kernel: PathBuf,
+    initrd: PathBuf,
+    /// The guest console's log; the log of a guest that died is kept beside it.
+    console_log: PathBuf,
+    /// Guests that died and were replaced: (run, what happened, kept console log).
+    restarts: Vec<Restart>,
+}
+
+#[derive(Serialize, Clone)]
+struct Restart {
+    run: usize,
+    error: String,
+    console_log: String,
+}
+
+/// A guest that dies during a run (lucos-vmm exits, or the guest stops answering) is
+/// replaced and the run done again, at most this many times in all. In the SVM lane, a
+/// guest now and then dies during a livepatch transition (README, "livepatch-compare").
+const MAX_RESTARTS: usize = 2;
+
+fn boot_guest(o: &Opts, api: &Api, kernel: &Path, initrd: &Path, log: PathBuf) -> Result<Guest, String> {
+    let t = Instant::now();
+    let g = Guest::boot(
+        &BootArgs {
+            vmm: &o.vmm,
+            kernel,
+            initrd,
+            vcpus: o.vcpus,
+            mem: &o.mem,
+            extra: api.vmm_args(),
+            timeout: Duration::from_secs(900),
+        },
+        log,
+    )?;
+    eprintln!("[livepatch-compare] guest up in {:.1} s", t.elapsed().as_secs_f64());
+    Ok(g)
 }
 
 const OP_TIMEOUT: Duration = Duration::from_secs(300);
 const CMD_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Bench {
+    /// Checks the fresh guest and warms both systems up.
+    fn prepare(&mut self) -> Result<(), String> {
+        // Kernel messages stay off the serial console (livepatch logs every transition; a
+        // console write costs the guest a VM exit per character).
+        if !self.o.kernel_log {
+            self.run("dmesg -n 1")?;
+        }
+        let online = self.run("cat /sys/devices/system/cpu/online")?;
+        let want = match self.o.vcpus {
+            1 => "0".to_string(),
+            n => format!("0-{}", n - 1),
+        };
+        if !online.iter().any(|l| l.trim() == want) {
+            return Err(self
+                .guest
+                .failure(&format!("guest CPUs online: {online:?}, expected {want}")));
+        }
+        let files = self.run(
+            "ls /lucos/lpc_probe /lucos/lpc_cost /lucos/lpc_klp /lucos/livepatch-sample.ko /lucos/livepatch-uname.ko 2>&1",
+        )?;
+        if files.iter().any(|l| l.contains("No such file")) {
+            return Err(format!(
+                "the guest's initramfs lacks the bench's programs or livepatch modules ({files:?}): run images/build.sh"
+            ));
+        }
+        let kallsyms = self.run("grep ' uts_sem$' /proc/kallsyms")?;
+        self.uts_sem = kallsyms
+            .iter()
+            .find_map(|l| l.split_whitespace().next().filter(|a| a.len() == 16).map(String::from))
+            .ok_or_else(|| format!("uts_sem not in the guest's /proc/kallsyms: {kallsyms:?}"))?;
+        warm_up(self)
+    }
+
+    /// Replaces a guest that died in `run`, keeping its console log.
+    fn restart(&mut self, run: usize, error: String) -> Result<(), String> {
+        let kept = self.console_log.with_file_name(format!(
+            "livepatch-compare-console.died-{}.log",
+            self.restarts.len() + 1
+        ));
+        let _ = std::fs::rename(&self.console_log, &kept);
+        eprintln!(
+            "[livepatch-compare] NOTE: the guest died in run {}; starting a new one and doing the run again (console kept in {}):\n{error}",
+            run + 1,
+            kept.display()
+        );
+        self.restarts.push(Restart {
+            run,
+            error,
+            console_log: kept.display().to_string(),
+        });
+        self.guest = boot_guest(&self.o, &self.api, &self.kernel, &self.initrd, self.console_log.clone())?;
+        self.lucos_ids = [None, None];
+        self.prepare()
+    }
+
     fn run(&mut self, cmd: &str) -> Result<Vec<String>, String> {
         self.guest.run(cmd, CMD_TIMEOUT)
     }
@@ -474,7 +565,7 @@ fn ms(d: Duration) -> f64 {
 /// Plot traces of the last run, per pair: (idle, lucos, livepatch) windows.
 #[derive(Default)]
 struct Traces {
-    panels: Vec<Vec<(String, plot::RGBColor, WindowResult)>>,
+    panels: Panels,
 }
 
 /// Buckets in which no request ended lie inside a stall: give them the latency of the
@@ -516,9 +607,9 @@ fn trace_of(label: String, color: plot::RGBColor, w: &WindowResult) -> Option<pl
 /// each path (lucos: the update server's first link; livepatch: the first module load)
 /// costs more than the next ones.
 fn warm_up(b: &mut Bench) -> Result<(), String> {
-    for pi in 0..PAIRS.len() {
+    for (pi, pair) in PAIRS.iter().enumerate() {
         for sys in [System::Lucos, System::Livepatch] {
-            eprintln!("[livepatch-compare] warm-up: {} with {}", PAIRS[pi].name, sys.name());
+            eprintln!("[livepatch-compare] warm-up: {} with {}", pair.name, sys.name());
             b.apply(pi, sys)?;
             b.cost(pi, "new")?;
             b.rollback(pi, sys)?;
@@ -528,106 +619,129 @@ fn warm_up(b: &mut Bench) -> Result<(), String> {
     Ok(())
 }
 
-/// Everything, run by run.
+/// Everything, run by run; a run in which the guest died is done again on a new guest.
 fn measure(b: &mut Bench, samples: &mut Vec<Sample>, traces: &mut Traces) -> Result<(), String> {
-    warm_up(b)?;
     let runs = b.o.runs;
     for run in 0..runs {
-        let last = run + 1 == runs;
-        let order = if run % 2 == 0 {
-            [System::Lucos, System::Livepatch]
-        } else {
-            [System::Livepatch, System::Lucos]
-        };
-        for (pi, pair) in PAIRS.iter().enumerate() {
-            eprintln!(
-                "[livepatch-compare] run {}/{runs}: {} ({}), {} first",
-                run + 1,
-                pair.name,
-                pair.function,
-                order[0].name()
-            );
-            // Reference: no apply.
-            let unpatched = b.cost(pi, "old")?;
-            let (w, ()) = b.window(pi, last, |_| Ok(()))?;
-            let mut reference = BTreeMap::new();
-            reference.insert("cost.unpatched_ns", unpatched);
-            reference.insert("idle.stall_us", w.stall_within(w.t0, w.t0 + w.dur) as f64);
-            reference.insert("idle.lat_p50_us", w.percentile(50.0) / 1e3);
-            reference.insert("idle.lat_p99_us", w.percentile(99.0) / 1e3);
-            reference.insert("idle.lat_max_us", w.max_latency() as f64 / 1e3);
-            samples.push(Sample {
-                pair: pair.name,
-                system: "reference",
-                run,
-                figures: reference,
-                notes: vec![],
-            });
-            let mut panel = Vec::new();
-            if last {
-                let lead = w.t0 + b.o.lead_ms * 1_000_000;
-                panel.push((
-                    "no apply".to_string(),
-                    plot::IDLE,
-                    WindowResult {
-                        figures: vec![],
-                        interval: (lead, lead),
-                        window: w,
-                    },
-                ));
-            }
-
-            for sys in order {
-                let mut f = BTreeMap::new();
-                let mut notes = Vec::new();
-                // Idle apply, then the cost of the patched function.
-                let t = b.apply(pi, sys)?;
-                f.insert("apply.commit_idle_ms", ms(t.done));
-                notes.extend(t.note);
-                let patched = b.cost(pi, "new")?;
-                f.insert("cost.patched_ns", patched);
-                f.insert("cost.overhead_ns", patched - unpatched);
-                // Rollback, then apply, under load.
-                let (w, t) = b.busy_op(pi, sys, false, false)?;
-                f.insert("rollback.done_busy_ms", ms(t.done));
-                f.extend(w.figures.iter().copied());
-                notes.extend(t.note);
-                let (w, t) = b.busy_op(pi, sys, true, last)?;
-                f.insert("apply.commit_busy_ms", ms(t.done));
-                if let Some(p) = t.pause_us {
-                    f.insert("apply.vmm_pause_us", p as f64);
+        loop {
+            match measure_run(b, run) {
+                Ok((s, panels)) => {
+                    samples.extend(s);
+                    if let Some(p) = panels {
+                        traces.panels = p;
+                    }
+                    break;
                 }
-                f.extend(w.figures.iter().copied());
-                notes.extend(t.note);
-                if last {
-                    let color = if sys == System::Lucos {
-                        plot::LUCOS
-                    } else {
-                        plot::LIVEPATCH
-                    };
-                    panel.push((sys.name().to_string(), color, w));
-                }
-                // Idle rollback.
-                let t = b.rollback(pi, sys)?;
-                f.insert("rollback.done_idle_ms", ms(t.done));
-                notes.extend(t.note);
-                for n in &notes {
-                    eprintln!("[livepatch-compare]   note ({}): {n}", sys.name());
-                }
-                samples.push(Sample {
-                    pair: pair.name,
-                    system: sys.name(),
-                    run,
-                    figures: f,
-                    notes,
-                });
-            }
-            if last {
-                traces.panels.push(panel);
+                Err(e) if b.guest.lost() && b.restarts.len() < MAX_RESTARTS => b.restart(run, e)?,
+                Err(e) => return Err(e),
             }
         }
     }
     Ok(())
+}
+
+type Panels = Vec<Vec<(String, plot::RGBColor, WindowResult)>>;
+
+/// One run: both fixes, both systems. Returns its samples and, for the last run, the
+/// windows to plot.
+fn measure_run(b: &mut Bench, run: usize) -> Result<(Vec<Sample>, Option<Panels>), String> {
+    let runs = b.o.runs;
+    let last = run + 1 == runs;
+    let mut samples = Vec::new();
+    let mut panels = Vec::new();
+    let order = if run & 1 == 0 {
+        [System::Lucos, System::Livepatch]
+    } else {
+        [System::Livepatch, System::Lucos]
+    };
+    for (pi, pair) in PAIRS.iter().enumerate() {
+        eprintln!(
+            "[livepatch-compare] run {}/{runs}: {} ({}), {} first",
+            run + 1,
+            pair.name,
+            pair.function,
+            order[0].name()
+        );
+        // Reference: no apply.
+        let unpatched = b.cost(pi, "old")?;
+        let (w, ()) = b.window(pi, last, |_| Ok(()))?;
+        let mut reference = BTreeMap::new();
+        reference.insert("cost.unpatched_ns", unpatched);
+        reference.insert("idle.stall_us", w.stall_within(w.t0, w.t0 + w.dur) as f64);
+        reference.insert("idle.lat_p50_us", w.percentile(50.0) / 1e3);
+        reference.insert("idle.lat_p99_us", w.percentile(99.0) / 1e3);
+        reference.insert("idle.lat_max_us", w.max_latency() as f64 / 1e3);
+        samples.push(Sample {
+            pair: pair.name,
+            system: "reference",
+            run,
+            figures: reference,
+            notes: vec![],
+        });
+        let mut panel = Vec::new();
+        if last {
+            let lead = w.t0 + b.o.lead_ms * 1_000_000;
+            panel.push((
+                "no apply".to_string(),
+                plot::IDLE,
+                WindowResult {
+                    figures: vec![],
+                    interval: (lead, lead),
+                    window: w,
+                },
+            ));
+        }
+
+        for sys in order {
+            let mut f = BTreeMap::new();
+            let mut notes = Vec::new();
+            // Idle apply, then the cost of the patched function.
+            let t = b.apply(pi, sys)?;
+            f.insert("apply.commit_idle_ms", ms(t.done));
+            notes.extend(t.note);
+            let patched = b.cost(pi, "new")?;
+            f.insert("cost.patched_ns", patched);
+            f.insert("cost.overhead_ns", patched - unpatched);
+            // Rollback, then apply, under load.
+            let (w, t) = b.busy_op(pi, sys, false, false)?;
+            f.insert("rollback.done_busy_ms", ms(t.done));
+            f.extend(w.figures.iter().copied());
+            notes.extend(t.note);
+            let (w, t) = b.busy_op(pi, sys, true, last)?;
+            f.insert("apply.commit_busy_ms", ms(t.done));
+            if let Some(p) = t.pause_us {
+                f.insert("apply.vmm_pause_us", p as f64);
+            }
+            f.extend(w.figures.iter().copied());
+            notes.extend(t.note);
+            if last {
+                let color = if sys == System::Lucos {
+                    plot::LUCOS
+                } else {
+                    plot::LIVEPATCH
+                };
+                panel.push((sys.name().to_string(), color, w));
+            }
+            // Idle rollback.
+            let t = b.rollback(pi, sys)?;
+            f.insert("rollback.done_idle_ms", ms(t.done));
+            notes.extend(t.note);
+            for n in &notes {
+                eprintln!("[livepatch-compare]   note ({}): {n}", sys.name());
+            }
+            samples.push(Sample {
+                pair: pair.name,
+                system: sys.name(),
+                run,
+                figures: f,
+                notes,
+            });
+        }
+        if last {
+            panels.push(panel);
+        }
+    }
+    Ok((samples, last.then_some(panels)))
 }
 
 /// min, median, max.
@@ -765,6 +879,8 @@ struct Report<'a> {
     lead_ms: u64,
     cost_ms: u64,
     png: String,
+    /// Guests that died and were replaced (the run was done again).
+    restarts: &'a [Restart],
     rows: &'a [Row],
     samples: &'a [Sample],
 }
@@ -830,23 +946,7 @@ fn real_main() -> Result<(), String> {
     if let Some(d) = console_log.parent() {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
-    let t_boot = Instant::now();
-    let guest = Guest::boot(
-        &BootArgs {
-            vmm: &o.vmm,
-            kernel: &kernel,
-            initrd: &initrd,
-            vcpus: o.vcpus,
-            mem: &o.mem,
-            extra: api.vmm_args(),
-            timeout: Duration::from_secs(900),
-        },
-        console_log.clone(),
-    )?;
-    eprintln!(
-        "[livepatch-compare] guest up in {:.1} s",
-        t_boot.elapsed().as_secs_f64()
-    );
+    let guest = boot_guest(&o, &api, &kernel, &initrd, console_log.clone())?;
     let mut b = Bench {
         o,
         guest,
@@ -854,43 +954,19 @@ fn real_main() -> Result<(), String> {
         signed,
         uts_sem: String::new(),
         lucos_ids: [None, None],
+        kernel,
+        initrd,
+        console_log,
+        restarts: Vec::new(),
     };
-    // Kernel messages stay off the serial console (livepatch logs every transition; a
-    // console write costs the guest a VM exit per character).
-    if !b.o.kernel_log {
-        b.run("dmesg -n 1")?;
-    }
-    let online = b.run("cat /sys/devices/system/cpu/online")?;
-    let want = if b.o.vcpus == 1 {
-        "0".to_string()
-    } else {
-        format!("0-{}", b.o.vcpus - 1)
-    };
-    if !online.iter().any(|l| l.trim() == want) {
-        return Err(b
-            .guest
-            .failure(&format!("guest CPUs online: {online:?}, expected {want}")));
-    }
-    let files = b.run(
-        "ls /lucos/lpc_probe /lucos/lpc_cost /lucos/lpc_klp /lucos/livepatch-sample.ko /lucos/livepatch-uname.ko 2>&1",
-    )?;
-    if files.iter().any(|l| l.contains("No such file")) {
-        return Err(format!(
-            "the guest's initramfs lacks the bench's programs or livepatch modules ({files:?}): run images/build.sh"
-        ));
-    }
-    let kallsyms = b.run("grep ' uts_sem$' /proc/kallsyms")?;
-    b.uts_sem = kallsyms
-        .iter()
-        .find_map(|l| l.split_whitespace().next().filter(|a| a.len() == 16).map(String::from))
-        .ok_or_else(|| format!("uts_sem not in the guest's /proc/kallsyms: {kallsyms:?}"))?;
+    b.prepare()?;
 
     let t_measure = Instant::now();
     let mut samples = Vec::new();
     let mut traces = Traces::default();
     measure(&mut b, &mut samples, &mut traces)?;
     let measured = t_measure.elapsed();
-    let Bench { o, guest, .. } = b;
+    let Bench { o, guest, restarts, .. } = b;
     guest.shutdown()?;
     let _ = std::fs::remove_dir_all(&dir);
 
@@ -921,6 +997,7 @@ fn real_main() -> Result<(), String> {
             lead_ms: o.lead_ms,
             cost_ms: o.cost_ms,
             png: o.png.display().to_string(),
+            restarts: &restarts,
             rows: &rows,
             samples: &samples,
         };
@@ -932,6 +1009,15 @@ fn real_main() -> Result<(), String> {
              ratio = lucos median / livepatch median (below 1: lucos is smaller)",
             o.runs, o.vcpus, o.window_ms
         );
+        let mut header = header;
+        for r in &restarts {
+            header.push_str(&format!(
+                "\nNOTE: the guest died in run {} and the run was done again on a new guest ({}): {}",
+                r.run + 1,
+                r.console_log,
+                r.error.lines().next().unwrap_or("")
+            ));
+        }
         print!("{}", table(&rows, &header));
         println!("plot: {}", o.png.display());
     }
