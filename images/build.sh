@@ -39,7 +39,7 @@ log() { printf '[images %(%H:%M:%S)T] %s\n' -1 "$*"; }
 t_start=$(date +%s)
 
 deps=(linux-source-6.1 build-essential bc bison flex libelf-dev libssl-dev dwarves cpio
-      busybox-static xz-utils python3 file qemu-system-x86 kmod)
+      busybox-static xz-utils python3 file qemu-system-x86 kmod fonts-dejavu-core)
 missing=()
 for p in "${deps[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -105,10 +105,30 @@ else
     cd "$root"
 fi
 
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+stage="$tmp/initramfs"
+
+# Modules built against the guest kernel, before the initramfs that carries some of them.
+# The patch modules in guest-patches/ (tests use them as built here when they are newer
+# than their sources).
+log "building guest-patches/ against the guest kernel"
+if ! make -s -C "$root/guest-patches" KDIR="$kdir/build" > "$tmp/patches.log" 2>&1; then
+    cat "$tmp/patches.log" >&2; echo "build.sh: building guest-patches/ failed" >&2; exit 1
+fi
+# Linux livepatch modules for bench/'s livepatch-compare: the kernel's own sample
+# (samples/livepatch, built with the kernel: CONFIG_SAMPLE_LIVEPATCH=m) and images/livepatch/.
+log "building images/livepatch/ against the guest kernel"
+if ! make -s -C "$here/livepatch" KDIR="$kdir/build" > "$tmp/livepatch.log" 2>&1; then
+    cat "$tmp/livepatch.log" >&2; echo "build.sh: building images/livepatch/ failed" >&2; exit 1
+fi
+klp_modules=("$kdir/build/samples/livepatch/livepatch-sample.ko" "$here/livepatch/livepatch-uname.ko")
+for ko in "${klp_modules[@]}"; do
+    [ -f "$ko" ] || { echo "build.sh: $ko was not built" >&2; exit 1; }
+done
+
 # Initramfs: cheap, rebuilt every time from images/initramfs/.
 log "building initramfs"
-stage=$(mktemp -d)
-trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage"/{bin,sbin,proc,sys,dev,tmp,etc,root,usr/bin,usr/sbin,lucos}
 cp /bin/busybox "$stage/bin/busybox"
 cp "$here/initramfs/init" "$stage/init"
@@ -119,6 +139,10 @@ for src in "$here"/initramfs/progs/*.c; do
     [ -e "$src" ] || continue
     gcc -static -nostdlib -nostartfiles -ffreestanding -fno-stack-protector -fno-builtin -O2 \
         -o "$stage/lucos/$(basename "$src" .c)" "$src"
+done
+# Livepatch modules, loadable in the guest as they are: /lucos/livepatch-*.ko.
+for ko in "${klp_modules[@]}"; do
+    strip --strip-debug -o "$stage/lucos/$(basename "$ko")" "$ko"
 done
 # lucosctl for the guest (/bin/lucosctl, talks to the VMM over AF_VSOCK with --vsock): a
 # static glibc build, as no musl target is assumed to be installed.
@@ -140,13 +164,6 @@ mkdir -p "$out"
 mv "$out/initramfs.cpio.tmp" "$out/initramfs.cpio"
 
 "$here/lane/build-image.sh"
-
-# The patch modules in guest-patches/ (tests use them as built here when they are newer
-# than their sources).
-log "building guest-patches/ against the guest kernel"
-if ! make -s -C "$root/guest-patches" KDIR="$kdir/build" > "$stage/patches.log" 2>&1; then
-    cat "$stage/patches.log" >&2; echo "build.sh: building guest-patches/ failed" >&2; exit 1
-fi
 
 ln -sfn "$kdir/build/vmlinux" "$out/vmlinux"
 ln -sfn "$kdir/build" "$out/build"
