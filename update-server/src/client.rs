@@ -118,9 +118,15 @@ impl Client {
         r.patches.into_iter().next().ok_or(ClientError::EmptyStatus)
     }
 
-    /// Polls the status of patch `id` every 100 ms until it is in state `want`, for at most
+    /// Polls the status of patch `id` every `poll` until it is in state `want`, for at most
     /// `timeout`.
-    pub fn wait_state(&mut self, id: u32, want: PatchState, timeout: Duration) -> Result<PatchInfo, ClientError> {
+    pub fn wait_state(
+        &mut self,
+        id: u32,
+        want: PatchState,
+        timeout: Duration,
+        poll: Duration,
+    ) -> Result<PatchInfo, ClientError> {
         let start = Instant::now();
         loop {
             let p = self.status(id)?;
@@ -140,7 +146,7 @@ impl Client {
                     },
                 });
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(poll);
         }
     }
 }

@@ -2,11 +2,11 @@
 //! over the VMM's Unix API socket, timed from the host (the wire protocol and signing come
 //! from `lucos_update_server`).
 
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use lucos_update_server::protocol::{self, Op, PatchInfo, Request, Response};
+use lucos_update_server::client::{Client, Target};
+use lucos_update_server::protocol::{Op, PatchInfo, PatchState, Response};
 use lucos_update_server::signing;
 
 pub struct Api {
@@ -61,19 +61,8 @@ impl Api {
         ]
     }
 
-    fn call(&self, op: Op, id: Option<u32>, payload: &[u8]) -> Result<Response, String> {
-        let mut s = UnixStream::connect(&self.sock).map_err(|e| format!("API socket {}: {e}", self.sock.display()))?;
-        let req = Request {
-            op: op.clone(),
-            id,
-            payload_len: payload.len() as u64,
-        };
-        protocol::write_frame(&mut s, &req, payload).map_err(|e| format!("API {op:?}: {e}"))?;
-        let r: Response = protocol::read_header(&mut s).map_err(|e| format!("API {op:?}: {e}"))?;
-        if !r.ok {
-            return Err(format!("lucos {op:?} failed: {}", r.error));
-        }
-        Ok(r)
+    fn client(&self) -> Result<Client, String> {
+        Client::connect(&Target::Unix(self.sock.clone())).map_err(|e| format!("lucos API: {e}"))
     }
 
     fn first(r: Response) -> Result<PatchInfo, String> {
@@ -84,26 +73,22 @@ impl Api {
     }
 
     /// Polls `id` until its state is `want`.
-    fn wait(&self, id: u32, want: &str, timeout: Duration) -> Result<PatchInfo, String> {
-        let start = Instant::now();
-        loop {
-            let p = Self::first(self.call(Op::Status, Some(id), &[])?)?;
-            if p.state == want {
-                return Ok(p);
-            }
-            if start.elapsed() > timeout {
-                return Err(format!("lucos patch {id} not {want} after {timeout:?}: {}", p.details));
-            }
-            std::thread::sleep(self.poll);
-        }
+    fn wait(&self, id: u32, want: PatchState, timeout: Duration) -> Result<PatchInfo, String> {
+        self.client()?
+            .wait_state(id, want, timeout, self.poll)
+            .map_err(|e| format!("lucos: {e}"))
     }
 
     /// Submits a signed module and waits until it is committed.
     pub fn apply(&self, signed: &[u8], timeout: Duration) -> Result<Timed, String> {
         let start = Instant::now();
-        let p = Self::first(self.call(Op::Apply, None, signed)?)?;
+        let p = Self::first(
+            self.client()?
+                .call(Op::Apply, None, signed)
+                .map_err(|e| format!("lucos apply: {e}"))?,
+        )?;
         let call = start.elapsed();
-        let p = self.wait(p.id, "committed", timeout)?;
+        let p = self.wait(p.id, PatchState::Committed, timeout)?;
         Ok(Timed {
             id: p.id,
             call,
@@ -115,9 +100,11 @@ impl Api {
     /// Rolls patch `id` back and waits until its memory is freed (`rolled-back`).
     pub fn rollback(&self, id: u32, timeout: Duration) -> Result<Timed, String> {
         let start = Instant::now();
-        self.call(Op::Rollback, Some(id), &[])?;
+        self.client()?
+            .call(Op::Rollback, Some(id), &[])
+            .map_err(|e| format!("lucos rollback: {e}"))?;
         let call = start.elapsed();
-        self.wait(id, "rolled-back", timeout)?;
+        self.wait(id, PatchState::RolledBack, timeout)?;
         Ok(Timed {
             id,
             call,

@@ -196,7 +196,7 @@ fn print_reply(r: &Response, json: bool, full: bool) {
 /// Waits for patch `id` to reach `want` and says so.
 fn wait_for(c: &mut Client, id: u32, want: PatchState, secs: u64, json: bool) -> Result<(), Failure> {
     let start = Instant::now();
-    let p = c.wait_state(id, want, Duration::from_secs(secs))?;
+    let p = c.wait_state(id, want, Duration::from_secs(secs), Duration::from_millis(100))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&p).unwrap_or_default());
     } else {

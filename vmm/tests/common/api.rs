@@ -51,6 +51,6 @@ pub fn call(sock: &Path, op: Op, id: Option<u32>, payload: &[u8]) -> Response {
 pub fn wait_state(sock: &Path, id: u32, want: PatchState) -> PatchInfo {
     Client::connect(&Target::Unix(sock.into()))
         .expect("connect API socket")
-        .wait_state(id, want, Duration::from_secs(300))
+        .wait_state(id, want, Duration::from_secs(300), Duration::from_millis(100))
         .unwrap_or_else(|e| panic!("patch {id} never became {want}: {e}"))
 }
