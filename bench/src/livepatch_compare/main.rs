@@ -979,7 +979,10 @@ fn real_main() -> Result<(), String> {
         .iter()
         .zip(&traces.panels)
         .map(|(p, ws)| plot::Panel {
-            title: format!("{} ({}): last run", p.function, p.name),
+            title: format!(
+                "{} ({}), last run; shaded: from the apply until committed",
+                p.function, p.name
+            ),
             traces: ws
                 .iter()
                 .filter_map(|(label, color, w)| trace_of(label.clone(), *color, w))

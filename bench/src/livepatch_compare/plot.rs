@@ -67,16 +67,24 @@ where
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     let pts = p.traces.iter().flat_map(|t| t.points.iter());
-    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 1.0f64);
+    let (mut x0, mut x1, mut ymin, mut y1) = (f64::MAX, f64::MIN, f64::MAX, 1.0f64);
     for &(x, y) in pts {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y1 = y1.max(y);
+        if y > 0.0 {
+            ymin = ymin.min(y);
+        }
     }
     if x0 > x1 {
         (x0, x1) = (0.0, 1.0);
     }
-    let y0 = 1.0;
+    // From the power of ten below the smallest value (at least 1 us) to twice the largest.
+    let y0 = if ymin == f64::MAX {
+        1.0
+    } else {
+        10f64.powf(ymin.max(1.0).log10().floor())
+    };
     let y1 = y1 * 2.0;
     let mut chart = ChartBuilder::on(area)
         .caption(&p.title, ("sans-serif", 18))
