@@ -33,7 +33,7 @@ for arg in "$@"; do
     case "$arg" in
         --boot) boot=1 ;;
         --no-install) install=0 ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
