@@ -7,7 +7,10 @@
 #   images/out/vmlinux          uncompressed ELF kernel, with .BTF and symbols
 #   images/out/build/           kernel build tree (O=), use with `make -C ... M=`
 #   images/out/src/             kernel source tree
-#   images/out/initramfs.cpio   busybox initramfs (newc, uncompressed)
+#   images/out/initramfs.cpio   busybox initramfs (newc, uncompressed), with the guest programs
+#                               of images/initramfs/progs and, for bench/'s livepatch-compare,
+#                               the Linux livepatch modules livepatch-sample.ko (the kernel's
+#                               sample) and livepatch-uname.ko (images/livepatch/) in /lucos/
 #   images/out/lane-svm/        the SVM lane's L1 kernel + initramfs (images/lane/build-image.sh;
 #                               run commands there with images/lane.sh svm -- CMD)
 #
@@ -30,7 +33,7 @@ for arg in "$@"; do
     case "$arg" in
         --boot) boot=1 ;;
         --no-install) install=0 ;;
-        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "build.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
     esac
 done
