@@ -98,6 +98,7 @@ fn error_kind(e: &ApplyError) -> ErrorKind {
         ApplyError::WrongState { .. } | ApplyError::NotTopmost { .. } => ErrorKind::WrongState,
         ApplyError::Guest(_)
         | ApplyError::Busy(_)
+        | ApplyError::Inconsistent { .. }
         | ApplyError::CallbackAborted { .. }
         | ApplyError::RevertCallback { .. } => ErrorKind::Failed,
         _ => ErrorKind::Refused,

@@ -38,20 +38,46 @@ impl Manager {
             olds.push((addr, size));
         }
         let data = Self::resolve_data(g, m)?;
+        self.check_data_unpatched(&data)?;
         let need = link::layout(m).size;
         let base = self.alloc.alloc(need).ok_or(ApplyError::NoSpace {
             need,
             free: self.alloc.free_bytes(),
         })?;
-        match self.apply_at(g, m, &olds, data, base, t0) {
-            Ok(id) => Ok(id),
-            // The patch exists and is rolling back: its memory is freed when that finishes.
-            Err(e @ ApplyError::CallbackAborted { .. }) => Err(e),
-            Err(e) => {
-                self.alloc.free(base);
-                Err(e)
+        let result = self.apply_at(g, m, &olds, data, base, t0);
+        // The image's memory is freed only if no patch owns it: once the jumps are live the
+        // patch exists (in transition, or rolling back after a failed callback) and frees
+        // its memory when its last thread has left the code. After an inconsistent swap
+        // some jump may still lead into the image: it is never reused.
+        let owned = self.patches.iter().any(|p| p.image_addr == base);
+        if matches!(&result, Err(e) if !owned && !matches!(e, ApplyError::Inconsistent { .. })) {
+            self.alloc.free(base);
+        }
+        result
+    }
+
+    /// Refuses a data rule for a global that a live patch (any but rolled back) already
+    /// converts: a second conversion would scale the value twice.
+    fn check_data_unpatched(&self, data: &[DataPatch]) -> Result<(), ApplyError> {
+        for d in data {
+            let live = self
+                .patches
+                .iter()
+                .filter(|p| p.state != PatchState::RolledBack)
+                .find(|p| {
+                    p.data
+                        .iter()
+                        .any(|o| o.addr < d.addr + d.size && d.addr < o.addr + o.size)
+                });
+            if let Some(p) = live {
+                return Err(ApplyError::DataAlreadyPatched {
+                    name: d.name.clone(),
+                    id: p.id,
+                    state: p.state.as_str(),
+                });
             }
         }
+        Ok(())
     }
 
     fn apply_at(
@@ -173,8 +199,19 @@ impl Manager {
         if let Err(what) = self.run_callbacks(g, id, CallbackKind::Apply, None) {
             return Err(self.abort(g, id, what));
         }
-        // First commit check right away.
-        self.check(g, id)?;
+        // First commit check right away. The jumps are live, so a failed check (a pause
+        // timeout, an unreadable task list) is not an apply failure: the patch stays in
+        // transition and the re-check thread tries again.
+        match self.check(g, id) {
+            Ok(_) => {}
+            Err(e @ ApplyError::CallbackAborted { .. }) => return Err(e),
+            Err(e) => {
+                warn!("patch {id}: first commit check failed: {e}; it stays in transition");
+                if let Ok(p) = self.get_mut(id) {
+                    p.warnings.push(format!("first commit check failed: {e}"));
+                }
+            }
+        }
         Ok(id)
     }
 
@@ -237,17 +274,16 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                         }));
                     }
                 }
-                for f in funcs {
-                    let to = if install { &f.jump } else { &f.saved };
-                    g.write(f.site, to)?;
-                }
+                write_sites(g, funcs, install)?;
                 // Carry the data over in the same pause; undo the jumps if that fails.
                 if let Err(e) = transfer_data(g, data, id, image, install) {
-                    for f in funcs {
-                        let back = if install { &f.saved } else { &f.jump };
-                        let _ = g.write(f.site, back);
-                    }
-                    return Err(e);
+                    return Err(match write_sites(g, funcs, !install) {
+                        Ok(()) => e,
+                        Err(undo) => ApplyError::Inconsistent {
+                            what: format!("converting data failed: {e}"),
+                            stuck: undo.to_string(),
+                        },
+                    });
                 }
                 if !ranges.is_empty() {
                     match find_blockers(g, vcpus, ranges) {
@@ -268,4 +304,41 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         }
     }
     Err(ApplyError::Busy(last))
+}
+
+/// Writes every function's jump (`install`) or saved bytes, all or nothing: when a write
+/// fails, the sites already written get their previous bytes back. If even that fails, the
+/// error says which sites are left in which state ([`ApplyError::Inconsistent`]).
+fn write_sites(g: &dyn Guest, funcs: &[FuncPatch], install: bool) -> Result<(), ApplyError> {
+    for (i, f) in funcs.iter().enumerate() {
+        let (to, from) = if install {
+            (&f.jump, &f.saved)
+        } else {
+            (&f.saved, &f.jump)
+        };
+        let Err(e) = g.write(f.site, to) else { continue };
+        let mut stuck = Vec::new();
+        for done in funcs[..i].iter().rev() {
+            let back = if install { &done.saved } else { &done.jump };
+            if let Err(e2) = g.write(done.site, back) {
+                stuck.push(format!("{} at {:#x} ({e2})", done.old_name, done.site));
+            }
+        }
+        // The failed write may have stored part of its bytes: put the old ones back too.
+        let mut cur = vec![0u8; from.len()];
+        let intact = g.read(f.site, &mut cur).is_ok() && &cur == from;
+        if !intact && g.write(f.site, from).is_err() {
+            stuck.push(format!("{} at {:#x} (partially written)", f.old_name, f.site));
+        }
+        let cause = ApplyError::Guest(e);
+        return Err(if stuck.is_empty() {
+            cause
+        } else {
+            ApplyError::Inconsistent {
+                what: format!("writing the site of {} failed: {cause}", f.old_name),
+                stuck: stuck.join(", "),
+            }
+        });
+    }
+    Ok(())
 }

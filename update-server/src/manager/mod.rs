@@ -126,6 +126,26 @@ pub enum ApplyError {
         /// Which callback failed and how.
         what: String,
     },
+    /// A global the module converts is already converted by a live patch: applying the
+    /// rule again would scale its value twice.
+    #[error("data object '{name}' is already converted by patch {id} ({state}); roll that patch back first")]
+    DataAlreadyPatched {
+        /// The global.
+        name: String,
+        /// The live patch that converts it.
+        id: u32,
+        /// That patch's state.
+        state: &'static str,
+    },
+    /// A site write failed and undoing the writes already made failed too: the guest is
+    /// left with some sites changed. Never returned while the guest is consistent.
+    #[error("{what}; undoing it failed, these sites are left changed: {stuck}")]
+    Inconsistent {
+        /// What failed first.
+        what: String,
+        /// The sites that could not be restored.
+        stuck: String,
+    },
     /// Rollback was asked for a patch that a newer patch stacks on; the newer one must be
     /// rolled back first.
     #[error("patch {id} cannot be rolled back before patch {newer}, which replaces '{func}' on top of it")]

@@ -53,7 +53,15 @@ impl Manager {
             let _ = self.check(g, id);
             return Err(ApplyError::RevertCallback { id, what });
         }
-        self.check(g, id)
+        // The original code is back: a failed stack check (a pause timeout, say) does not
+        // undo that; the re-check thread finishes the rollback.
+        match self.check(g, id) {
+            Ok(state) => Ok(state),
+            Err(e) => {
+                warn!("patch {id}: stack check after the rollback failed: {e}; re-checked later");
+                Ok(self.get(id)?.state)
+            }
+        }
     }
 
     /// Puts the original code (and data units) back and enters `rolling-back`.

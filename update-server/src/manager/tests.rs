@@ -7,7 +7,7 @@ use crate::guest::{VcpuState, WriteRule};
 use crate::module::CallbackKind;
 use crate::runpre::{self, FTRACE_NOP};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -23,6 +23,14 @@ struct FakeGuest {
     task_list: Mutex<Vec<TaskState>>,
     /// Reads at or above this address fail (0: none do).
     unreadable_from: u64,
+    /// Kernel symbols: name -> (address, size).
+    syms: HashMap<String, (u64, u64)>,
+    /// The patch region (empty by default).
+    region: Option<PatchRegion>,
+    /// `tasks()` fails (as when the task list cannot be walked).
+    fail_tasks: std::sync::atomic::AtomicBool,
+    /// Writes touching this address fail (0: none do).
+    fail_write_at: AtomicU64,
 }
 
 const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
@@ -45,8 +53,8 @@ impl FakeGuest {
 }
 
 impl Guest for FakeGuest {
-    fn symbol(&self, _: &str) -> Option<(u64, u64)> {
-        None
+    fn symbol(&self, name: &str) -> Option<(u64, u64)> {
+        self.syms.get(name).copied()
     }
     fn describe(&self, a: u64) -> String {
         format!("{a:#x}")
@@ -62,6 +70,10 @@ impl Guest for FakeGuest {
         Ok(())
     }
     fn write(&self, va: u64, data: &[u8]) -> Result<(), GuestError> {
+        let bad = self.fail_write_at.load(Ordering::Relaxed);
+        if bad != 0 && va <= bad && bad < va + data.len() as u64 {
+            return Err(GuestError::Memory(format!("write at {va:#x} failed").into()));
+        }
         let mut m = self.mem.lock().unwrap();
         for (i, b) in data.iter().enumerate() {
             m.insert(va + i as u64, *b);
@@ -73,10 +85,13 @@ impl Guest for FakeGuest {
         Ok(Duration::ZERO)
     }
     fn tasks(&self) -> Result<Vec<TaskState>, GuestError> {
+        if self.fail_tasks.load(Ordering::Relaxed) {
+            return Err(GuestError::Introspection("task list: more than 65536 tasks".into()));
+        }
         Ok(self.task_list.lock().unwrap().clone())
     }
     fn patch_region(&self) -> PatchRegion {
-        PatchRegion { va: 0, size: 0 }
+        self.region.unwrap_or(PatchRegion { va: 0, size: 0 })
     }
     fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {
         if self.fail_protect {
@@ -344,4 +359,154 @@ fn an_unreadable_stack_blocks_the_commit() {
         "{b:?}"
     );
     assert_eq!(b[1].task.map(|t| t.0), Some(2), "named, so status shows it");
+}
+
+/// Kernel functions the apply tests replace (64 bytes each, starting with ftrace's nop).
+const F1: u64 = 0xffff_ffff_8100_1000;
+const F2: u64 = 0xffff_ffff_8100_2000;
+const REGION: u64 = 0xffff_ffff_9000_0000;
+
+/// A guest with `f1`, `f2` and the global `timeout` (= 250), and a patch region.
+fn apply_guest() -> FakeGuest {
+    let mut g = FakeGuest::default();
+    for (name, addr) in [("f1", F1), ("f2", F2)] {
+        g.syms.insert(name.into(), (addr, 64));
+        g.write(addr, &FTRACE_NOP).unwrap();
+    }
+    g.syms.insert("timeout".into(), (OBJ, 8));
+    write_uint(&g, OBJ, 8, 250).unwrap();
+    g.region = Some(PatchRegion {
+        va: REGION,
+        size: 0x10_0000,
+    });
+    g
+}
+
+/// A module replacing each of `olds` with 32 bytes of code, converting `timeout` (ms -> us)
+/// if `data`.
+fn module_for(olds: &[&str], data: bool) -> crate::module::PatchModule {
+    use crate::module::{DataRule, LoadSection, PatchModule, Replace};
+    PatchModule {
+        name: "test".into(),
+        description: String::new(),
+        sections: vec![LoadSection {
+            index: object::SectionIndex(1),
+            name: ".text".into(),
+            data: vec![0xc3; 32 * olds.len()],
+            align: 16,
+            exec: true,
+            write: false,
+        }],
+        relocs: vec![],
+        replaces: olds
+            .iter()
+            .enumerate()
+            .map(|(i, o)| Replace {
+                old_name: (*o).into(),
+                new_name: format!("new_{o}"),
+                new_load_idx: 0,
+                new_offset: 32 * i as u64,
+            })
+            .collect(),
+        data: if data {
+            vec![DataRule {
+                name: "timeout".into(),
+                mul: 1000,
+                div: 1,
+            }]
+        } else {
+            vec![]
+        },
+        callbacks: vec![],
+        warnings: vec![],
+    }
+}
+
+fn site_bytes(g: &FakeGuest, addr: u64) -> Vec<u8> {
+    let mut b = vec![0u8; runpre::JMP_LEN];
+    g.read(addr, &mut b).unwrap();
+    b
+}
+
+#[test]
+fn a_failed_first_check_keeps_the_live_patch_and_its_memory() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    g.fail_tasks.store(true, Ordering::Relaxed);
+    let id = m
+        .apply(&g, &module_for(&["f1"], false))
+        .expect("the jumps are live: apply succeeded");
+    let p = m.get(id).unwrap();
+    assert_eq!(p.state, PatchState::Transition);
+    assert!(
+        p.warnings.iter().any(|w| w.contains("first commit check failed")),
+        "{:?}",
+        p.warnings
+    );
+    assert_eq!(site_bytes(&g, F1)[0], 0xe9, "the jump stays");
+    let first = p.image_addr;
+    // Its memory is still in use: the next patch goes elsewhere.
+    let id2 = m.apply(&g, &module_for(&["f2"], false)).unwrap();
+    assert_ne!(m.get(id2).unwrap().image_addr, first);
+    // The re-check commits it once the task list can be read.
+    g.fail_tasks.store(false, Ordering::Relaxed);
+    m.check_all(&g);
+    assert_eq!(m.get(id).unwrap().state, PatchState::Committed);
+}
+
+#[test]
+fn a_failed_site_write_undoes_the_sites_already_written() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    g.fail_write_at.store(F2 + 1, Ordering::Relaxed);
+    let e = m.apply(&g, &module_for(&["f1", "f2"], false)).unwrap_err();
+    assert!(matches!(e, ApplyError::Guest(_)), "{e}");
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP, "f1's jump was taken back");
+    assert_eq!(site_bytes(&g, F2), FTRACE_NOP);
+    assert!(m.patches().is_empty());
+    // Nothing was leaked: the next apply gets the region's start again.
+    g.fail_write_at.store(0, Ordering::Relaxed);
+    let id = m.apply(&g, &module_for(&["f1", "f2"], false)).unwrap();
+    assert_eq!(m.get(id).unwrap().image_addr, REGION);
+}
+
+#[test]
+fn a_failed_site_write_leaves_a_rollback_undone_and_retryable() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    let id = m.apply(&g, &module_for(&["f1", "f2"], false)).unwrap();
+    let (j1, j2) = (site_bytes(&g, F1), site_bytes(&g, F2));
+    g.fail_write_at.store(F2 + 1, Ordering::Relaxed);
+    assert!(m.rollback(&g, id).is_err());
+    assert_eq!(
+        (site_bytes(&g, F1), site_bytes(&g, F2)),
+        (j1, j2),
+        "both jumps still in"
+    );
+    assert_eq!(m.get(id).unwrap().state, PatchState::Committed);
+    g.fail_write_at.store(0, Ordering::Relaxed);
+    assert_eq!(m.rollback(&g, id).unwrap(), PatchState::RolledBack);
+    assert_eq!(
+        (site_bytes(&g, F1), site_bytes(&g, F2)),
+        (FTRACE_NOP.to_vec(), FTRACE_NOP.to_vec())
+    );
+}
+
+#[test]
+fn the_same_data_patch_is_not_applied_twice() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    let id = m.apply(&g, &module_for(&["f1"], true)).unwrap();
+    assert_eq!(g.value(OBJ), 250_000);
+    let e = m.apply(&g, &module_for(&["f2"], true)).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::DataAlreadyPatched { id: i, .. } if *i == id),
+        "{e}"
+    );
+    assert_eq!(g.value(OBJ), 250_000, "converted once");
+    // Once that patch is rolled back, the rule can go in again.
+    m.rollback(&g, id).unwrap();
+    assert_eq!(g.value(OBJ), 250);
+    m.apply(&g, &module_for(&["f2"], true)).unwrap();
+    assert_eq!(g.value(OBJ), 250_000);
 }
