@@ -37,8 +37,17 @@ pub enum GuestError {
     Refused(String),
 }
 
+/// Part of a per-CPU stack (IRQ, exception) that can hold a paused vCPU's live frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackSpan {
+    /// `[lo, hi)`: from the stack pointer to the stack's top.
+    pub range: (u64, u64),
+    /// Which stack (`IRQ stack`, `NMI stack`, ...).
+    pub what: String,
+}
+
 /// A vCPU's state while the world is stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcpuState {
     /// vCPU index, from 0.
     pub id: u8,
@@ -48,6 +57,12 @@ pub struct VcpuState {
     pub rsp: u64,
     /// CS's privilege level is 0: the vCPU runs kernel code.
     pub kernel_mode: bool,
+    /// In kernel mode: the live parts of the per-CPU stacks the vCPU is on or came from
+    /// (an NMI over an IRQ over a task gives the NMI and IRQ stacks; task stacks are
+    /// covered by the task list), found by following the links the entry code leaves at
+    /// each stack's top. `None` when the guest's stacks are not known: then the vCPU's
+    /// stack is scanned from RSP to the end of its `THREAD_SIZE` block.
+    pub stacks: Option<Vec<StackSpan>>,
 }
 
 /// A guest task, as the VMM reads it from the kernel's task list. Which part of its stack

@@ -9,7 +9,7 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lucos_update_server::guest::{Guest, GuestError, PatchRegion, TaskState, VcpuState, WriteRule};
+use lucos_update_server::guest::{Guest, GuestError, PatchRegion, StackSpan, TaskState, VcpuState, WriteRule};
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::UpdateServer;
 
@@ -17,6 +17,7 @@ use crate::arch::x86_64::gdt::KERNEL_CS;
 use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
 use crate::devices::virtio::muxer::PortListener;
 use crate::guestcall::{CallArea, CallError, SafePoint};
+use crate::introspect::stacks::stack_chain;
 use crate::introspect::tasks::THREAD_SIZE;
 use crate::introspect::Vmlinux;
 use crate::introspect::{list_tasks, GuestKernel};
@@ -197,13 +198,40 @@ impl VmGuest {
         })
     }
 
-    fn state(s: &VcpuSnapshot) -> VcpuState {
+    fn state(&self, s: &VcpuSnapshot) -> VcpuState {
         VcpuState {
             id: s.id,
             rip: s.rip,
             rsp: s.rsp,
             kernel_mode: s.kernel_mode,
+            stacks: if s.kernel_mode { self.stack_chain(s) } else { None },
         }
+    }
+
+    /// The live per-CPU stack spans of a paused kernel-mode vCPU (guest CPU number = vCPU
+    /// index), or None if the kernel's per-CPU stacks cannot be found (the commit check
+    /// then falls back to scanning the vCPU's `THREAD_SIZE` block).
+    fn stack_chain(&self, s: &VcpuSnapshot) -> Option<Vec<StackSpan>> {
+        let mem = self.handle.memory();
+        let known = self
+            .kernel
+            .cpu_stacks(mem, u32::from(s.id))
+            .map_err(|e| log::debug!("vCPU {}: per-CPU stacks unknown: {e}", s.id))
+            .ok()?;
+        let v = self.kernel.virt(mem);
+        let chain = stack_chain(s.rsp, &known, THREAD_SIZE, |a| v.read_u64(a).ok());
+        if chain.len() > 1 {
+            log::debug!("vCPU {} at rsp {:#x}: stack chain {chain:x?}", s.id, s.rsp);
+        }
+        Some(
+            chain
+                .into_iter()
+                .map(|c| StackSpan {
+                    range: (c.lo, c.hi),
+                    what: c.what,
+                })
+                .collect(),
+        )
     }
 }
 
@@ -246,7 +274,7 @@ impl Guest for VmGuest {
             .handle
             .pause(PAUSE_TIMEOUT)
             .map_err(|e| GuestError::Pause(e.into()))?;
-        let states: Vec<VcpuState> = paused.snapshots.iter().map(Self::state).collect();
+        let states: Vec<VcpuState> = paused.snapshots.iter().map(|s| self.state(s)).collect();
         f(&states);
         drop(paused);
         Ok(t0.elapsed())

@@ -7,6 +7,8 @@ use log::{info, warn};
 
 use super::patch::{Blocker, Patch, PatchState};
 use super::{owner, ApplyError, Manager};
+#[cfg(doc)]
+use crate::guest::StackSpan;
 use crate::guest::{Guest, GuestError, TaskState, VcpuState};
 use crate::module::CallbackKind;
 
@@ -135,8 +137,11 @@ pub struct Scan {
 /// - a task that is not running: from its saved stack pointer (`thread.sp`) to the top, or
 ///   the whole stack when the saved pointer is outside it;
 /// - a vCPU in kernel mode on a stack that is no task's (IRQ, softirq, exception stacks):
-///   from its RSP to the end of that stack (stacks are `stack size`-aligned blocks of the
-///   same size as task stacks on x86-64);
+///   from its RSP to the top of that stack, then the live part of each stack it
+///   interrupted, link by link (the guest side finds the links: [`VcpuState::stacks`]),
+///   so that an NMI taken in an IRQ handler leaves neither stack unscanned; the
+///   interrupted task's stack is scanned whole (above). Without the guest's stack layout,
+///   from RSP to the end of its `THREAD_SIZE`-aligned block;
 /// - a task whose stack the kernel already freed (it exited and waits to be reaped) runs no
 ///   code and has no frames: nothing to scan.
 ///
@@ -167,6 +172,18 @@ pub fn scan_ranges(tasks: &[TaskState], vcpus: &[VcpuState]) -> Vec<Scan> {
         .find_map(|t| t.stack.map(|(lo, hi)| hi - lo))
         .unwrap_or(16 << 10);
     for v in vcpus.iter().filter(|v| v.kernel_mode) {
+        if let Some(spans) = &v.stacks {
+            for s in spans {
+                if !tasks.iter().any(|t| in_stack(s.range.0, t)) {
+                    out.push(Scan {
+                        who: format!("vCPU {} {}", v.id, s.what),
+                        task: None,
+                        range: s.range,
+                    });
+                }
+            }
+            continue;
+        }
         if !tasks.iter().any(|t| in_stack(v.rsp, t)) {
             out.push(Scan {
                 who: format!("vCPU {} stack", v.id),

@@ -303,6 +303,7 @@ fn vcpu(id: u8, rsp: u64, kernel_mode: bool) -> VcpuState {
         rip: 0xffff_ffff_8100_0000,
         rsp,
         kernel_mode,
+        stacks: None,
     }
 }
 
@@ -509,4 +510,36 @@ fn the_same_data_patch_is_not_applied_twice() {
     assert_eq!(g.value(OBJ), 250);
     m.apply(&g, &module_for(&["f2"], true)).unwrap();
     assert_eq!(g.value(OBJ), 250_000);
+}
+
+#[test]
+fn an_nmi_over_an_irq_handler_scans_both_per_cpu_stacks() {
+    use crate::guest::StackSpan;
+    let irq = (0xffff_8880_0780_2000u64, 0xffff_8880_0780_6000u64);
+    let nmi = (0xffff_fe00_0000_3000u64, 0xffff_fe00_0000_4000u64);
+    let t = STACK;
+    let g = FakeGuest::default();
+    // The task was interrupted in the kernel; its IRQ handler called old code (a return
+    // address into it on the IRQ stack); an NMI came in on top.
+    *g.task_list.lock().unwrap() = vec![task(7, t, 0, Some(0))];
+    g.write(irq.1 - 0x200, &(OLD_CODE + 0x10).to_le_bytes()).unwrap();
+    let mut v = vcpu(0, nmi.1 - 0x100, true);
+    v.stacks = Some(vec![
+        StackSpan {
+            range: (nmi.1 - 0x100, nmi.1),
+            what: "NMI stack".into(),
+        },
+        StackSpan {
+            range: (irq.1 - 0x300, irq.1),
+            what: "IRQ stack".into(),
+        },
+        StackSpan {
+            range: (t + 0x3e00, t + STACK_SIZE),
+            what: "stack".into(),
+        },
+    ]);
+    let old = [(OLD_CODE, OLD_CODE + 0x100, "old_fn".to_string())];
+    let b = find_blockers(&g, &[v], &old).unwrap();
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert_eq!(b[0].who, "vCPU 0 IRQ stack");
 }

@@ -5,6 +5,7 @@
 pub mod btf;
 pub mod kernel;
 pub mod pagewalk;
+pub mod stacks;
 pub mod tasks;
 pub mod vmlinux;
 
