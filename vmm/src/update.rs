@@ -289,7 +289,7 @@ impl Guest for VmGuest {
                 pid: t.pid,
                 comm: t.comm.clone(),
                 state: t.state_name().into(),
-                stack: (t.stack_base != 0).then_some((t.stack_base, t.stack_base + THREAD_SIZE)),
+                stack: (t.stack_base != 0).then_some((t.stack_base, t.stack_base.wrapping_add(THREAD_SIZE))),
                 saved_sp: t.saved_sp,
                 on_cpu: t.on_cpu.then_some(t.cpu),
             })

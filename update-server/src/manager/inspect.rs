@@ -106,12 +106,33 @@ impl Manager {
             .map(|p| p.id)
             .collect();
         for id in ids {
-            if let Err(e) = self.check(g, id) {
-                warn!("stack check of patch {id} failed: {e}");
+            match self.check(g, id) {
+                // The guest can make checks fail every period: say so when the reason changes.
+                Err(e) => {
+                    let msg = e.to_string();
+                    if self.check_errors.get(&id) != Some(&msg) {
+                        warn!("stack check of patch {id} failed: {msg} (re-checked every period; logged again when the reason changes)");
+                        self.check_errors.insert(id, msg);
+                    }
+                }
+                Ok(_) => {
+                    if self.check_errors.remove(&id).is_some() {
+                        info!("stack check of patch {id} works again");
+                    }
+                }
             }
         }
     }
 }
+
+/// The largest stack range scanned: x86-64 task, IRQ and exception stacks are 4-32 KiB.
+pub const MAX_STACK: u64 = 64 << 10;
+
+/// The most stack bytes one check reads while the vCPUs are paused (a guest can have
+/// 65,536 tasks of 16 KiB each: 1 GiB). Stacks past it are not read and block the
+/// commit (the check stays conservative); a guest that large commits once it has fewer
+/// live frames (sleeping tasks are scanned only above their saved stack pointer).
+pub const MAX_SCAN_BYTES: u64 = 64 << 20;
 
 /// A stack region to scan, and whom it belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,7 +190,8 @@ pub fn scan_ranges(tasks: &[TaskState], vcpus: &[VcpuState]) -> Vec<Scan> {
     }
     let stack_size = tasks
         .iter()
-        .find_map(|t| t.stack.map(|(lo, hi)| hi - lo))
+        .find_map(|t| t.stack.map(|(lo, hi)| hi.wrapping_sub(lo)))
+        .filter(|s| s.is_power_of_two() && *s <= MAX_STACK)
         .unwrap_or(16 << 10);
     for v in vcpus.iter().filter(|v| v.kernel_mode) {
         if let Some(spans) = &v.stacks {
@@ -188,7 +210,7 @@ pub fn scan_ranges(tasks: &[TaskState], vcpus: &[VcpuState]) -> Vec<Scan> {
             out.push(Scan {
                 who: format!("vCPU {} stack", v.id),
                 task: None,
-                range: (v.rsp & !7, (v.rsp | (stack_size - 1)) + 1),
+                range: (v.rsp & !7, (v.rsp | (stack_size - 1)).wrapping_add(1)),
             });
         }
     }
@@ -215,9 +237,26 @@ pub fn find_blockers(
         }
     }
     let mut buf = Vec::new();
+    let mut budget = MAX_SCAN_BYTES;
+    let mut skipped = (0usize, 0u64);
     for scan in scan_ranges(&g.tasks()?, vcpus) {
         let (lo, hi) = scan.range;
-        buf.resize((hi - lo) as usize, 0);
+        // The ranges come from guest memory: an implausible one is not read, it blocks.
+        let len = hi.wrapping_sub(lo);
+        if hi <= lo || len > MAX_STACK {
+            out.push(Blocker {
+                who: scan.who,
+                at: format!("an implausible stack range {lo:#x}..{hi:#x}"),
+                task: scan.task,
+            });
+            continue;
+        }
+        if len > budget {
+            skipped = (skipped.0 + 1, skipped.1 + len);
+            continue;
+        }
+        budget -= len;
+        buf.resize(len as usize, 0);
         if let Err(e) = g.read(lo, &mut buf) {
             out.push(Blocker {
                 who: scan.who,
@@ -237,6 +276,17 @@ pub fn find_blockers(
                 break;
             }
         }
+    }
+    if skipped.0 > 0 {
+        out.push(Blocker {
+            who: format!("{} more stacks", skipped.0),
+            at: format!(
+                "not scanned: they hold {} KiB, past the {} MiB one check reads while the vCPUs are paused",
+                skipped.1 >> 10,
+                MAX_SCAN_BYTES >> 20
+            ),
+            task: None,
+        });
     }
     Ok(out)
 }

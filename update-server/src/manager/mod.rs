@@ -171,6 +171,8 @@ pub struct Manager {
     next_id: u32,
     /// Stack of patch ids per patched site address (last = active).
     sites: HashMap<u64, Vec<u32>>,
+    /// The last failure of each patch's periodic check, so it is logged once per reason.
+    check_errors: HashMap<u32, String>,
 }
 
 impl Manager {
@@ -182,6 +184,7 @@ impl Manager {
             patches: Vec::new(),
             next_id: 1,
             sites: HashMap::new(),
+            check_errors: HashMap::new(),
         }
     }
 

@@ -543,3 +543,45 @@ fn an_nmi_over_an_irq_handler_scans_both_per_cpu_stacks() {
     assert_eq!(b.len(), 1, "{b:?}");
     assert_eq!(b[0].who, "vCPU 0 IRQ stack");
 }
+
+#[test]
+fn garbage_stack_values_block_without_panicking() {
+    let g = FakeGuest::default();
+    *g.task_list.lock().unwrap() = vec![
+        // A stack pointer at the top of the address space, a wrapped stack range.
+        task(1, STACK, 0, None),
+        task(2, STACK, u64::MAX, Some(0)),
+    ];
+    g.task_list.lock().unwrap()[0].stack = Some((u64::MAX - 0xfff, 0x3000));
+    let vcpus = [vcpu(0, u64::MAX, true), vcpu(1, 0, true)];
+    let old = [(OLD_CODE, OLD_CODE + 0x100, "old_fn".to_string())];
+    let b = find_blockers(&g, &vcpus, &old).unwrap();
+    assert!(
+        b.iter()
+            .any(|b| b.who.starts_with("task 1 ") && b.at.contains("implausible")),
+        "{b:?}"
+    );
+    assert!(
+        b.iter()
+            .any(|b| b.who == "vCPU 0 stack" && b.at.contains("implausible")),
+        "{b:?}"
+    );
+}
+
+#[test]
+fn one_check_reads_a_bounded_amount_of_stack() {
+    let g = FakeGuest::default();
+    // 5000 sleeping tasks whose saved stack pointers lie outside their stacks: each is
+    // scanned whole, 5000 * 16 KiB = 78 MiB, past the budget.
+    *g.task_list.lock().unwrap() = (0..5000)
+        .map(|i| task(i + 10, STACK + i as u64 * STACK_SIZE, 0, None))
+        .collect();
+    let old = [(OLD_CODE, OLD_CODE + 0x100, "old_fn".to_string())];
+    let b = find_blockers(&g, &[], &old).unwrap();
+    assert_eq!(b.len(), 1, "{b:?}");
+    assert!(b[0].at.contains("not scanned"), "{b:?}");
+    assert_eq!(
+        b[0].who,
+        format!("{} more stacks", 5000 - (inspect::MAX_SCAN_BYTES / STACK_SIZE) as usize)
+    );
+}

@@ -51,18 +51,18 @@ impl TaskInfo {
 fn read_task(k: &GuestKernel, v: &GuestVirt, addr: u64) -> Result<TaskInfo, KernelError> {
     let l = &k.tasks;
     let mut comm = [0u8; 16];
-    v.read(addr + l.comm, &mut comm)?;
+    v.read(addr.wrapping_add(l.comm), &mut comm)?;
     let end = comm.iter().position(|&b| b == 0).unwrap_or(comm.len());
     Ok(TaskInfo {
         addr,
-        pid: v.read_u32(addr + l.pid)? as i32,
-        tgid: v.read_u32(addr + l.tgid)? as i32,
+        pid: v.read_u32(addr.wrapping_add(l.pid))? as i32,
+        tgid: v.read_u32(addr.wrapping_add(l.tgid))? as i32,
         comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
-        state: v.read_u32(addr + l.state)?,
-        stack_base: v.read_u64(addr + l.stack)?,
-        saved_sp: v.read_u64(addr + l.thread_sp)?,
-        on_cpu: v.read_u32(addr + l.on_cpu)? != 0,
-        cpu: v.read_u32(addr + l.cpu)?,
+        state: v.read_u32(addr.wrapping_add(l.state))?,
+        stack_base: v.read_u64(addr.wrapping_add(l.stack))?,
+        saved_sp: v.read_u64(addr.wrapping_add(l.thread_sp))?,
+        on_cpu: v.read_u32(addr.wrapping_add(l.on_cpu))? != 0,
+        cpu: v.read_u32(addr.wrapping_add(l.cpu))?,
     })
 }
 
@@ -81,12 +81,17 @@ pub fn list_tasks(k: &GuestKernel, mem: &GuestMem) -> Result<Vec<TaskInfo>, Kern
             if out.len() > MAX_TASKS {
                 return Err(KernelError::TooManyTasks(MAX_TASKS));
             }
-            t = v.read_u64(t + k.tasks.thread_group)? - k.tasks.thread_group;
+            // Guest-controlled pointers: wrap, never panic; garbage fails a later read.
+            t = v
+                .read_u64(t.wrapping_add(k.tasks.thread_group))?
+                .wrapping_sub(k.tasks.thread_group);
             if t == leader {
                 break;
             }
         }
-        leader = v.read_u64(leader + k.tasks.tasks)? - k.tasks.tasks;
+        leader = v
+            .read_u64(leader.wrapping_add(k.tasks.tasks))?
+            .wrapping_sub(k.tasks.tasks);
         if leader == init {
             break;
         }
