@@ -398,9 +398,9 @@ pub fn on_port(vcpu: &VcpuFd, mem: &GuestMem, saved: &mut Saved, port: u16) -> R
         return Ok(Step::Continue);
     }
     let (error_code, frame) = if has_error_code(vector) {
-        (Some(read(regs.rsp + 8)?), regs.rsp + 16)
+        (Some(read(regs.rsp.wrapping_add(8))?), regs.rsp.wrapping_add(16))
     } else {
-        (None, regs.rsp + 8)
+        (None, regs.rsp.wrapping_add(8))
     };
     Ok(Step::Failed(CallError::Exception {
         vector: vector as u8,

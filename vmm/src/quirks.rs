@@ -94,8 +94,8 @@ impl Quirks {
             return false;
         };
         let base = ((star >> 48) & 0xffff) as u16;
-        sregs.cs = user_seg((base + 16) | 3, true);
-        sregs.ss = user_seg((base + 8) | 3, false);
+        sregs.cs = user_seg(base.wrapping_add(16) | 3, true); // STAR is guest-written: wrap
+        sregs.ss = user_seg(base.wrapping_add(8) | 3, false);
         regs.rip = regs.rcx;
         regs.rflags = (regs.r11 & 0x3c_7fd7) | 2;
         vcpu.set_sregs(&sregs).is_ok() && vcpu.set_regs(&regs).is_ok()
