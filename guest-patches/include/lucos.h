@@ -53,6 +53,35 @@ struct lucos_data {
 	}
 
 /*
+ * The same, for a function whose name several kernel symbols share (a static function of
+ * the same name in other files, or an inline function emitted out of line in many):
+ * `file` is the base name of its source file as the vmlinux's symbol table records it
+ * (e.g. "reboot.c"). A plain LUCOS_REPLACE of a shared name is refused, and the refusal
+ * lists every candidate as FILE:NAME,POS.
+ */
+#define LUCOS_REPLACE_IN(file, old, new)					\
+	static const struct lucos_replace __lucos_replace_##new			\
+	__used __section(".lucos.replace") __aligned(8) = {			\
+		.old_name = file ":" #old,					\
+		.new_name = #new,						\
+		.new_func = (void *)(new),					\
+	}
+
+/*
+ * ...and when `file` has several symbols of that name too (or files of the same base name
+ * do): the `pos`-th of them, counting from 1 in address order (the order of
+ * /proc/kallsyms). Pass "" as `file` to count among all the kernel's symbols of the name,
+ * as livepatch's sympos does.
+ */
+#define LUCOS_REPLACE_AT(file, old, pos, new)					\
+	static const struct lucos_replace __lucos_replace_##new			\
+	__used __section(".lucos.replace") __aligned(8) = {			\
+		.old_name = file ":" #old "," #pos,				\
+		.new_name = #new,						\
+		.new_func = (void *)(new),					\
+	}
+
+/*
  * Data patch: the patched code keeps the integer kernel global `sym` (4 or 8 bytes) in new
  * units, new = old * mul / div. The update server (outside the guest) carries the state
  * over: when the jumps are installed it converts the current value and write-protects the

@@ -46,6 +46,12 @@ pub struct StackSpan {
     pub what: String,
 }
 
+/// Why a kernel symbol reference does not name exactly one symbol: not found, ambiguous
+/// (the message lists the candidates and how to name one) or malformed.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+#[error("{0}")]
+pub struct SymbolError(pub String);
+
 /// A vCPU's state while the world is stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcpuState {
@@ -104,8 +110,16 @@ pub type WriteRule = Arc<dyn Fn(i64, &[u8], u64) -> Vec<u8> + Send + Sync>;
 /// What the update server needs from the VMM: symbols, memory access, stopping the
 /// vCPUs, task lists, write protection and guest calls.
 pub trait Guest: Send + Sync {
-    /// Address and size of a guest kernel symbol.
-    fn symbol(&self, name: &str) -> Option<(u64, u64)>;
+    /// Address and size of the guest kernel symbol a reference names: `NAME`,
+    /// `FILE:NAME`, `NAME,POS` or `FILE:NAME,POS` (FILE: the base name of the source file
+    /// of a local symbol; POS: from 1, among the matches in address order, as
+    /// `/proc/kallsyms` lists them). A reference that matches several symbols is refused
+    /// with the candidates listed.
+    fn symbol(&self, spec: &str) -> Result<(u64, u64), SymbolError>;
+    /// The address a relocation of patch code against `name` links to: as
+    /// [`symbol`](Self::symbol), except that a bare name shared by several symbols
+    /// resolves to the one global among them, as a linker would.
+    fn link_symbol(&self, name: &str) -> Result<u64, SymbolError>;
     /// Name of the function containing `addr`, for messages.
     fn describe(&self, addr: u64) -> String;
     /// Reads guest kernel-virtual memory.

@@ -9,7 +9,9 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lucos_update_server::guest::{Guest, GuestError, PatchRegion, StackSpan, TaskState, VcpuState, WriteRule};
+use lucos_update_server::guest::{
+    Guest, GuestError, PatchRegion, StackSpan, SymbolError, TaskState, VcpuState, WriteRule,
+};
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::UpdateServer;
 
@@ -23,6 +25,7 @@ use crate::introspect::Vmlinux;
 use crate::introspect::{list_tasks, GuestKernel};
 use crate::layout::{self, CALL_AREA_OFFSET, PATCH_REGION_SIZE, PLATFORM_SIZE};
 use crate::pause::VcpuSnapshot;
+use crate::symbols::Scope;
 use crate::vcpu::CallJob;
 use crate::vm::VmHandle;
 
@@ -236,8 +239,20 @@ impl VmGuest {
 }
 
 impl Guest for VmGuest {
-    fn symbol(&self, name: &str) -> Option<(u64, u64)> {
-        self.kernel.symbols.get(name).map(|s| (s.addr, s.size))
+    fn symbol(&self, name: &str) -> Result<(u64, u64), SymbolError> {
+        self.kernel
+            .symbols
+            .resolve(name, Scope::Exact)
+            .map(|s| (s.addr, s.size))
+            .map_err(|e| SymbolError(e.to_string()))
+    }
+
+    fn link_symbol(&self, name: &str) -> Result<u64, SymbolError> {
+        self.kernel
+            .symbols
+            .resolve(name, Scope::PreferGlobal)
+            .map(|s| s.addr)
+            .map_err(|e| SymbolError(e.to_string()))
     }
 
     fn describe(&self, addr: u64) -> String {

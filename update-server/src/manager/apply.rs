@@ -26,9 +26,10 @@ impl Manager {
             if !seen.insert(r.old_name.clone()) {
                 return Err(ApplyError::Duplicate(r.old_name.clone()));
             }
-            let (addr, size) = g
-                .symbol(&r.old_name)
-                .ok_or_else(|| ApplyError::NoOldFunction(r.old_name.clone()))?;
+            let (addr, size) = g.symbol(&r.old_name).map_err(|source| ApplyError::OldFunction {
+                name: r.old_name.clone(),
+                source,
+            })?;
             if size < (JMP_LEN + 4) as u64 {
                 return Err(ApplyError::TooSmall {
                     name: r.old_name.clone(),
@@ -89,8 +90,15 @@ impl Manager {
         base: u64,
         t0: Instant,
     ) -> Result<u32, ApplyError> {
-        let resolve = |name: &str| g.symbol(name).map(|(a, _)| a);
-        let mut linked = link::link(m, base, &resolve)?;
+        let resolve = |name: &str| g.link_symbol(name).ok();
+        let mut linked = link::link(m, base, &resolve).map_err(|e| match e {
+            // Say why: not there, or ambiguous (with the candidates).
+            link::LinkError::Unresolved(name) => match g.link_symbol(&name) {
+                Err(source) => ApplyError::KernelSymbol { name, source },
+                Ok(_) => ApplyError::Link(link::LinkError::Unresolved(name)),
+            },
+            e => ApplyError::Link(e),
+        })?;
         let caps = g.cpu_caps()?;
         let alts = alternatives::apply(m, &mut linked, &caps)?;
         if alts.records > 0 {

@@ -29,7 +29,7 @@ use thiserror::Error;
 
 use crate::alloc::RegionAllocator;
 use crate::alternatives::AltError;
-use crate::guest::{Guest, GuestError};
+use crate::guest::{Guest, GuestError, SymbolError};
 use crate::link::LinkError;
 use crate::module::ModuleError;
 use crate::runpre::{SiteError, JMP_LEN};
@@ -53,8 +53,21 @@ pub enum ApplyError {
     #[error("alternatives: {0}")]
     Alternatives(#[from] AltError),
     /// A function the module replaces is not in the guest kernel's symbol table.
-    #[error("function '{0}' not found in the guest kernel's symbol table")]
-    NoOldFunction(String),
+    #[error("function to replace '{name}': {source}")]
+    OldFunction {
+        /// The reference, as the module gives it.
+        name: String,
+        /// Why it does not name exactly one kernel function.
+        source: SymbolError,
+    },
+    /// A kernel symbol the patch code references does not resolve to exactly one symbol.
+    #[error("symbol '{name}' referenced by the patch code: {source}")]
+    KernelSymbol {
+        /// The symbol.
+        name: String,
+        /// Why it does not resolve.
+        source: SymbolError,
+    },
     /// A function to replace is shorter than the jump plus 4 bytes.
     #[error("function '{name}' is {size} bytes, too small for a {JMP_LEN}-byte jump")]
     TooSmall {
@@ -84,8 +97,13 @@ pub enum ApplyError {
     #[error("a vCPU kept executing a patch site after {SITE_RETRIES} tries: {0}")]
     Busy(String),
     /// A global named by a data rule is not in the guest kernel's symbol table.
-    #[error("data object '{0}' not found in the guest kernel's symbol table")]
-    NoDataObject(String),
+    #[error("data object '{name}': {source}")]
+    DataObject {
+        /// The reference, as the module gives it.
+        name: String,
+        /// Why it does not name exactly one kernel global.
+        source: SymbolError,
+    },
     /// A global named by a data rule cannot be converted: it lies in kernel text or read-only
     /// data, is not a 4- or 8-byte integer, or shares a page with another global of the patch.
     #[error("data object '{name}' at {addr:#x} ({size} bytes) cannot be patched: {why}")]

@@ -3,7 +3,7 @@
 use super::transfer::{read_uint, transfer_data, write_uint};
 use super::*;
 use crate::guest::{PatchRegion, TaskState};
-use crate::guest::{VcpuState, WriteRule};
+use crate::guest::{SymbolError, VcpuState, WriteRule};
 use crate::module::CallbackKind;
 use crate::runpre::{self, FTRACE_NOP};
 use std::collections::HashMap;
@@ -53,8 +53,14 @@ impl FakeGuest {
 }
 
 impl Guest for FakeGuest {
-    fn symbol(&self, name: &str) -> Option<(u64, u64)> {
-        self.syms.get(name).copied()
+    fn symbol(&self, name: &str) -> Result<(u64, u64), SymbolError> {
+        self.syms
+            .get(name)
+            .copied()
+            .ok_or_else(|| SymbolError(format!("no symbol '{name}'")))
+    }
+    fn link_symbol(&self, name: &str) -> Result<u64, SymbolError> {
+        self.symbol(name).map(|(a, _)| a)
     }
     fn describe(&self, a: u64) -> String {
         format!("{a:#x}")

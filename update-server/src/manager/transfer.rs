@@ -49,14 +49,15 @@ fn transfer_rule(
 impl Manager {
     /// Finds and checks the globals a module's data rules name.
     pub(super) fn resolve_data(g: &dyn Guest, m: &PatchModule) -> Result<Vec<DataPatch>, ApplyError> {
-        let range = |a: &str, b: &str| Some((g.symbol(a)?.0, g.symbol(b)?.0));
+        let range = |a: &str, b: &str| Some((g.symbol(a).ok()?.0, g.symbol(b).ok()?.0));
         let text = range("_stext", "_etext");
         let rodata = range("__start_rodata", "__end_rodata");
         let mut out: Vec<DataPatch> = Vec::new();
         for r in &m.data {
-            let (addr, size) = g
-                .symbol(&r.name)
-                .ok_or_else(|| ApplyError::NoDataObject(r.name.clone()))?;
+            let (addr, size) = g.symbol(&r.name).map_err(|source| ApplyError::DataObject {
+                name: r.name.clone(),
+                source,
+            })?;
             let bad = |why: String| ApplyError::BadDataObject {
                 name: r.name.clone(),
                 addr,
