@@ -227,6 +227,7 @@ mod tests {
             data: vec![],
             callbacks: vec![],
             warnings: vec![],
+            functions: vec![],
         };
         let linked = Linked {
             base: BASE,

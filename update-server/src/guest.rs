@@ -52,6 +52,41 @@ pub struct StackSpan {
 #[error("{0}")]
 pub struct SymbolError(pub String);
 
+/// Sizes of the guest kernel's structures that patch code's tables are made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSizes {
+    /// `struct module`.
+    pub module: u64,
+    /// `struct bug_entry`.
+    pub bug_entry: u64,
+    /// `struct exception_table_entry`.
+    pub extable_entry: u64,
+    /// `struct orc_entry`.
+    pub orc_entry: u64,
+}
+
+/// Patch code to register with the guest kernel as a module (all guest-virtual addresses,
+/// inside the patch image): what the kernel's `struct module` records about it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CodeInfo {
+    /// Module name shown in stack traces.
+    pub name: String,
+    /// Start of the image.
+    pub base: u64,
+    /// Bytes of the image, metadata included.
+    pub size: u64,
+    /// Bytes of code at the start of the image.
+    pub text_size: u64,
+    /// Sorted exception table and its number of entries.
+    pub extable: (u64, u64),
+    /// BUG/WARN table and its number of entries.
+    pub bugs: (u64, u64),
+    /// Sorted ORC tables: `orc_unwind_ip`, `orc_unwind`, number of entries.
+    pub orc: (u64, u64, u64),
+    /// `Elf64_Sym` array, its length (entry 0 empty), string table, type chars.
+    pub kallsyms: (u64, u64, u64, u64),
+}
+
 /// A vCPU's state while the world is stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VcpuState {
@@ -120,6 +155,15 @@ pub trait Guest: Send + Sync {
     /// [`symbol`](Self::symbol), except that a bare name shared by several symbols
     /// resolves to the one global among them, as a linker would.
     fn link_symbol(&self, name: &str) -> Result<u64, SymbolError>;
+    /// Sizes of the kernel structures patch code's tables use; an error if the guest
+    /// kernel has no module support lucos can register patch code with.
+    fn table_sizes(&self) -> Result<TableSizes, GuestError>;
+    /// Makes patch code known to the guest kernel as a module: a `struct module` written at
+    /// `at` (`TableSizes::module` bytes in the patch image) and linked into the kernel's
+    /// module address tree and BUG table list. Call with the world stopped.
+    fn register_code(&self, at: u64, info: &CodeInfo) -> Result<(), GuestError>;
+    /// Undoes [`register_code`](Self::register_code). Call with the world stopped.
+    fn unregister_code(&self, at: u64) -> Result<(), GuestError>;
     /// Name of the function containing `addr`, for messages.
     fn describe(&self, addr: u64) -> String;
     /// Reads guest kernel-virtual memory.

@@ -13,6 +13,9 @@
 //!   relocations against guest kernel symbols.
 //! - `alternatives`: the module's `ALTERNATIVE()` sites patched for the running kernel's
 //!   CPU capabilities, as the kernel patched its own.
+//! - `ktables`: the module's exception, BUG/WARN and ORC tables and a symbol table,
+//!   readied for the guest kernel, which finds them through a `struct module` the VMM
+//!   registers for the patch.
 //! - `runpre`: the Ksplice-style check that each old function starts with the bytes the
 //!   patch expects, decoded with iced-x86 (whole instructions only).
 //! - `manager`: apply (stop the world, write `jmp rel32`, carry data over and write-protect
@@ -26,6 +29,7 @@ pub mod alloc;
 pub mod alternatives;
 pub mod client;
 pub mod guest;
+pub mod ktables;
 pub mod link;
 pub mod manager;
 pub mod module;

@@ -246,6 +246,7 @@ mod tests {
             replaces: vec![],
             callbacks: vec![],
             warnings: vec![],
+            functions: vec![],
         }
     }
 

@@ -282,6 +282,23 @@ pub struct PatchModule {
     pub callbacks: Vec<Callback>,
     /// Non-fatal problems found while parsing (e.g. an ignored `__jump_table`), to show the user.
     pub warnings: Vec<String>,
+    /// The functions defined in loaded code (for the guest kernel's symbol lookups).
+    pub functions: Vec<FuncSymbol>,
+}
+
+/// A function defined in the module's loaded code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FuncSymbol {
+    /// Its name.
+    pub name: String,
+    /// Index into [`PatchModule::sections`].
+    pub load_idx: usize,
+    /// Byte offset within that section.
+    pub offset: u64,
+    /// Size in bytes (`st_size`).
+    pub size: u64,
+    /// `STB_GLOBAL`.
+    pub global: bool,
 }
 
 /// Sections that kbuild or the compiler add but that only matter to the in-kernel module
@@ -293,7 +310,6 @@ fn skipped(name: &str) -> bool {
         ".gnu.linkonce.this_module",
         ".note",
         "__mcount_loc",
-        ".orc_unwind",
         ".return_sites",
         ".retpoline_sites",
         ".call_sites",
@@ -313,11 +329,11 @@ fn skipped(name: &str) -> bool {
     PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-/// Sections whose presence means code that needs registration with the guest kernel.
+/// Sections whose presence means code that needs something lucos does not provide.
+/// (`__ex_table`, `__bug_table` and the ORC tables are loaded and registered with the
+/// guest kernel: [`crate::ktables`].)
 fn unsupported(name: &str) -> Option<&'static str> {
     match name {
-        "__ex_table" => Some("exception tables (__ex_table: user-memory accessors)"),
-        "__bug_table" => Some("BUG()/WARN() tables (__bug_table)"),
         "__param" => Some("module parameters (__param)"),
         _ => None,
     }
@@ -526,6 +542,20 @@ impl PatchModule {
                 });
             }
         }
+        let functions = file
+            .symbols()
+            .filter(|s| s.kind() == object::SymbolKind::Text)
+            .filter_map(|s| match place(&s) {
+                SymbolPlace::Section { load_idx, offset } if sections[load_idx].exec => Some(FuncSymbol {
+                    name: s.name().ok()?.to_string(),
+                    load_idx,
+                    offset,
+                    size: s.size(),
+                    global: s.is_global(),
+                }),
+                _ => None,
+            })
+            .collect();
         Ok(PatchModule {
             name,
             description,
@@ -535,6 +565,7 @@ impl PatchModule {
             data,
             callbacks,
             warnings,
+            functions,
         })
     }
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lucos_update_server::guest::{
-    Guest, GuestError, PatchRegion, StackSpan, SymbolError, TaskState, VcpuState, WriteRule,
+    CodeInfo, Guest, GuestError, PatchRegion, StackSpan, SymbolError, TableSizes, TaskState, VcpuState, WriteRule,
 };
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::UpdateServer;
@@ -19,6 +19,8 @@ use crate::arch::x86_64::gdt::KERNEL_CS;
 use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
 use crate::devices::virtio::muxer::PortListener;
 use crate::guestcall::{CallArea, CallError, SafePoint};
+use crate::introspect::kernel::KernelError;
+use crate::introspect::modules::CodeModule;
 use crate::introspect::stacks::stack_chain;
 use crate::introspect::tasks::THREAD_SIZE;
 use crate::introspect::Vmlinux;
@@ -245,6 +247,41 @@ impl Guest for VmGuest {
             .resolve(name, Scope::Exact)
             .map(|s| (s.addr, s.size))
             .map_err(|e| SymbolError(e.to_string()))
+    }
+
+    fn table_sizes(&self) -> Result<TableSizes, GuestError> {
+        let k = &self.kernel;
+        let intro = |e: KernelError| GuestError::Introspection(e.into());
+        let size = |s: &str| k.btf.size_of(s).map_err(|e| intro(e.into()));
+        Ok(TableSizes {
+            module: k.module_struct_size().map_err(intro)?,
+            bug_entry: size("bug_entry")?,
+            extable_entry: size("exception_table_entry")?,
+            orc_entry: size("orc_entry")?,
+        })
+    }
+
+    fn register_code(&self, at: u64, info: &CodeInfo) -> Result<(), GuestError> {
+        self.ensure_verified()?;
+        let c = CodeModule {
+            name: info.name.clone(),
+            base: info.base,
+            size: info.size,
+            text_size: info.text_size,
+            extable: info.extable,
+            bugs: info.bugs,
+            orc: info.orc,
+            kallsyms: info.kallsyms,
+        };
+        self.kernel
+            .register_code(self.handle.memory(), at, &c)
+            .map_err(|e| GuestError::Introspection(e.into()))
+    }
+
+    fn unregister_code(&self, at: u64) -> Result<(), GuestError> {
+        self.kernel
+            .unregister_code(self.handle.memory(), at)
+            .map_err(|e| GuestError::Introspection(e.into()))
     }
 
     fn link_symbol(&self, name: &str) -> Result<u64, SymbolError> {

@@ -10,7 +10,9 @@ use super::patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchSta
 use super::transfer::transfer_data;
 use super::{ApplyError, Manager, SITE_RETRIES};
 use crate::alternatives;
+use crate::guest::{CodeInfo, TableSizes};
 use crate::guest::{Guest, VcpuState};
+use crate::ktables::{self, Plan, TableError};
 use crate::link;
 use crate::module::{CallbackKind, PatchModule};
 use crate::runpre::{self, SiteError, FTRACE_NOP, JMP_LEN};
@@ -40,12 +42,34 @@ impl Manager {
         }
         let data = Self::resolve_data(g, m)?;
         self.check_data_unpatched(&data)?;
-        let need = link::layout(m).size;
+        let image = link::layout(m).size;
+        // The guest kernel learns about the patch code as a module (exception, BUG and
+        // ORC tables, symbols) if it can; code with exception or BUG tables needs that.
+        let tables = match g.table_sizes() {
+            Ok(sizes) => Some((ktables::plan(m, image, &sizes), sizes)),
+            Err(e) => {
+                let what = ktables::needs_registration(m);
+                if !what.is_empty() {
+                    return Err(TableError::NoModuleSupport {
+                        what: what.join(" and "),
+                        why: e.to_string(),
+                    }
+                    .into());
+                }
+                None
+            }
+        };
+        let need = tables.as_ref().map_or(image, |(p, _)| p.total);
         let base = self.alloc.alloc(need).ok_or(ApplyError::NoSpace {
             need,
             free: self.alloc.free_bytes(),
         })?;
-        let result = self.apply_at(g, m, &olds, data, base, t0);
+        let place = Place {
+            base,
+            size: need,
+            tables: tables.as_ref(),
+        };
+        let result = self.apply_at(g, m, &olds, data, &place, t0);
         // The image's memory is freed only if no patch owns it: once the jumps are live the
         // patch exists (in transition, or rolling back after a failed callback) and frees
         // its memory when its last thread has left the code. After an inconsistent swap
@@ -87,9 +111,14 @@ impl Manager {
         m: &PatchModule,
         olds: &[(u64, u64)],
         mut data: Vec<DataPatch>,
-        base: u64,
+        place: &Place,
         t0: Instant,
     ) -> Result<u32, ApplyError> {
+        let Place {
+            base,
+            size: image_size,
+            tables,
+        } = *place;
         let resolve = |name: &str| g.link_symbol(name).ok();
         let mut linked = link::link(m, base, &resolve).map_err(|e| match e {
             // Say why: not there, or ambiguous (with the candidates).
@@ -108,6 +137,13 @@ impl Manager {
                 alts.records
             );
         }
+        let reg = match tables {
+            Some((plan, sizes)) => {
+                let (meta, info) = ktables::build(m, &mut linked, plan, sizes, &module_name(&m.name))?;
+                Some((base + plan.meta_off, meta, info))
+            }
+            None => None,
+        };
         let mut funcs = Vec::new();
         for (r, &(old_addr, old_size)) in m.replaces.iter().zip(olds) {
             let mut head = [0u8; 16];
@@ -150,8 +186,11 @@ impl Manager {
             .collect();
         // Copy code and data in; nothing executes it until the jumps exist.
         g.write(base, &linked.image)?;
+        if let Some((at, meta, _)) = &reg {
+            g.write(*at, meta)?;
+        }
         let id = self.next_id;
-        let image = (base, base + linked.layout.size);
+        let image = (base, base + image_size);
         // With thread callbacks, the tasks still in old code are found in the same pause.
         let watch: Vec<(u64, u64, String)> = if callbacks.iter().any(|c| c.kind == CallbackKind::Thread) {
             funcs
@@ -170,6 +209,7 @@ impl Manager {
                 id,
                 image,
                 watch: &watch,
+                register: reg.as_ref().map(|(at, _, info)| (*at, info)),
             },
         )?;
         self.next_id += 1;
@@ -191,7 +231,8 @@ impl Manager {
             funcs,
             data,
             image_addr: base,
-            image_size: linked.layout.size,
+            image_size,
+            module_at: reg.as_ref().map(|r| r.0),
             warnings: m.warnings.clone(),
             pause_us: pause.as_micros() as u64,
             apply_us: t0.elapsed().as_micros() as u64,
@@ -229,6 +270,18 @@ impl Manager {
     }
 }
 
+/// Where a patch goes in the patch region.
+#[derive(Clone, Copy)]
+struct Place<'a> {
+    /// Start of its memory.
+    base: u64,
+    /// Bytes of image and metadata.
+    size: u64,
+    /// Its metadata layout and the kernel's table sizes, when the guest kernel can take
+    /// the patch code as a module.
+    tables: Option<&'a (Plan, TableSizes)>,
+}
+
 /// One stop-the-world swap of a patch's sites.
 #[derive(Clone, Copy)]
 pub(super) struct Swap<'a> {
@@ -244,6 +297,9 @@ pub(super) struct Swap<'a> {
     pub image: (u64, u64),
     /// Ranges whose occupants are listed in the same pause (for thread callbacks).
     pub watch: &'a [(u64, u64, String)],
+    /// Apply only: the patch code's `struct module` place and contents, registered with
+    /// the guest kernel in the same pause, before the code becomes reachable.
+    pub register: Option<(u64, &'a CodeInfo)>,
 }
 
 /// Stops the world and writes each function's jump (`install`) or saved bytes. Retries
@@ -257,6 +313,7 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         id,
         image,
         watch: ranges,
+        register,
     } = *s;
     let mut found = Vec::new();
     let mut last = String::new();
@@ -282,11 +339,30 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                         }));
                     }
                 }
-                write_sites(g, funcs, install)?;
+                // The kernel knows the code (its exception and BUG tables, unwind data and
+                // symbols) before any jump can reach it.
+                let register = if install { register } else { None };
+                if let Some((at, info)) = register {
+                    g.register_code(at, info)?;
+                }
+                let unregister = || {
+                    if let Some((at, _)) = register {
+                        if let Err(e) = g.unregister_code(at) {
+                            warn!("patch {id}: taking the patch code's module record out failed: {e}");
+                        }
+                    }
+                };
+                if let Err(e) = write_sites(g, funcs, install) {
+                    unregister();
+                    return Err(e);
+                }
                 // Carry the data over in the same pause; undo the jumps if that fails.
                 if let Err(e) = transfer_data(g, data, id, image, install) {
                     return Err(match write_sites(g, funcs, !install) {
-                        Ok(()) => e,
+                        Ok(()) => {
+                            unregister();
+                            e
+                        }
                         Err(undo) => ApplyError::Inconsistent {
                             what: format!("converting data failed: {e}"),
                             stuck: undo.to_string(),
@@ -349,4 +425,14 @@ fn write_sites(g: &dyn Guest, funcs: &[FuncPatch], install: bool) -> Result<(), 
         });
     }
     Ok(())
+}
+
+/// The module name the guest kernel shows for a patch (`[lucos_NAME]` in stack traces):
+/// the patch name with anything but `[A-Za-z0-9_]` made `_`.
+fn module_name(patch: &str) -> String {
+    let clean: String = patch
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+        .collect();
+    format!("lucos_{clean}")
 }

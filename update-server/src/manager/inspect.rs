@@ -41,9 +41,18 @@ impl Manager {
             return Ok(p.state);
         }
         let protected = p.data.iter().any(|d| d.protected);
+        // Rolled back for good once no thread runs the code: the kernel forgets it then.
+        let forget = (p.state == PatchState::RollingBack).then_some(p.module_at).flatten();
         let mut result: Result<Vec<Blocker>, GuestError> = Ok(vec![]);
         g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             result = find_blockers(g, vcpus, &ranges);
+            if let (Some(at), Ok(b)) = (forget, &result) {
+                if b.is_empty() {
+                    if let Err(e) = g.unregister_code(at) {
+                        result = Err(e);
+                    }
+                }
+            }
             // Transition over: no old code can write old units any more; drop protection
             // in the same pause.
             if protected && matches!(&result, Ok(b) if b.is_empty()) {
@@ -87,6 +96,7 @@ impl Manager {
                 }
                 PatchState::RollingBack => {
                     p.state = PatchState::RolledBack;
+                    p.module_at = None;
                     let addr = p.image_addr;
                     self.alloc.free(addr);
                     info!("patch {id} rolled back; memory freed");

@@ -30,6 +30,7 @@ use thiserror::Error;
 use crate::alloc::RegionAllocator;
 use crate::alternatives::AltError;
 use crate::guest::{Guest, GuestError, SymbolError};
+use crate::ktables::TableError;
 use crate::link::LinkError;
 use crate::module::ModuleError;
 use crate::runpre::{SiteError, JMP_LEN};
@@ -49,6 +50,9 @@ pub enum ApplyError {
     /// Linking the module at its place in the patch region failed.
     #[error("linking failed: {0}")]
     Link(#[from] LinkError),
+    /// The module's exception, BUG or ORC tables cannot be used.
+    #[error("kernel tables: {0}")]
+    Tables(#[from] TableError),
     /// Patching the module's alternatives for the guest's CPU failed.
     #[error("alternatives: {0}")]
     Alternatives(#[from] AltError),

@@ -118,6 +118,10 @@ pub struct Patch {
     pub image_addr: u64,
     /// Size of that image in bytes (whole pages).
     pub image_size: u64,
+    /// Where the patch's `struct module` is, while the guest kernel knows the patch code
+    /// as a module (None: the guest kernel has no module support lucos can use).
+    #[serde(skip)]
+    pub module_at: Option<u64>,
     /// Non-fatal problems found while parsing the module.
     pub warnings: Vec<String>,
     /// µs the vCPUs were stopped to install the jumps.

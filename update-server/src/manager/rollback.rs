@@ -79,6 +79,7 @@ impl Manager {
                 id,
                 image,
                 watch: &[],
+                register: None,
             },
         )?;
         for f in &funcs {

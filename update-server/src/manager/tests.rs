@@ -116,6 +116,15 @@ impl Guest for FakeGuest {
     fn readonly_pages(&self) -> u64 {
         self.rules.lock().unwrap().len() as u64
     }
+    fn table_sizes(&self) -> Result<crate::guest::TableSizes, GuestError> {
+        Err(GuestError::Refused("no module support in the fake guest".into()))
+    }
+    fn register_code(&self, _: u64, _: &crate::guest::CodeInfo) -> Result<(), GuestError> {
+        Err(GuestError::Refused("no module support in the fake guest".into()))
+    }
+    fn unregister_code(&self, _: u64) -> Result<(), GuestError> {
+        Ok(())
+    }
     fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
         Ok(vec![0; 24])
     }
@@ -206,6 +215,7 @@ fn patch_with(callbacks: Vec<PatchCallback>) -> Patch {
         data: vec![],
         image_addr: IMAGE.0,
         image_size: IMAGE.1 - IMAGE.0,
+        module_at: None,
         warnings: vec![],
         pause_us: 0,
         apply_us: 0,
@@ -426,6 +436,7 @@ fn module_for(olds: &[&str], data: bool) -> crate::module::PatchModule {
         },
         callbacks: vec![],
         warnings: vec![],
+        functions: vec![],
     }
 }
 

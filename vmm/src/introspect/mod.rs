@@ -4,7 +4,9 @@
 
 pub mod btf;
 pub mod kernel;
+pub mod modules;
 pub mod pagewalk;
+pub mod rbtree;
 pub mod stacks;
 pub mod tasks;
 pub mod vmlinux;
