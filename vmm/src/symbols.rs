@@ -163,7 +163,7 @@ impl SymbolTable {
         };
         let (file, name) = match rest.split_once(':') {
             Some((f, n)) if !f.is_empty() => (Some(f), n),
-            Some(_) => return Err(bad("empty file name before ':'")),
+            Some((_, n)) => (None, n), // ":NAME,POS": count among all namesakes
             None => (None, rest),
         };
         if name.is_empty() {
@@ -306,6 +306,7 @@ mod tests {
         assert_eq!(t.resolve("reboot.c:type_show", Scope::Exact).unwrap().addr, 0x1000);
         assert_eq!(t.resolve("type_show,3", Scope::Exact).unwrap().addr, 0x3000);
         assert_eq!(t.resolve("core.c:type_show,2", Scope::Exact).unwrap().addr, 0x4000);
+        assert_eq!(t.resolve(":type_show,2", Scope::Exact).unwrap().addr, 0x2000);
         assert!(matches!(
             t.resolve("core.c:type_show", Scope::Exact),
             Err(LookupError::Ambiguous { .. })
