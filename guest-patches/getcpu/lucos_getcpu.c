@@ -6,10 +6,12 @@
  *   every pointer is written, NULL too (the original skips NULL), so a NULL or unmapped
  *   pointer faults inside this code and must come back as -EFAULT, not an oops;
  * - WARN_ONCE (a BUG table entry) when called with the pointer 0x1234;
- * - BUG() when called with the pointer 0xb06.
+ * - BUG() when called with the pointer 0xb06;
+ * - a 3 s interruptible sleep inside it with the pointer 0x5ee9 (for /proc/PID/stack).
  * It returns 1000 on success, so a caller tells it from the original (0).
  */
 #include <linux/bug.h>
+#include <linux/delay.h>
 #include <linux/module.h>
 #include <linux/smp.h>
 #include <linux/syscalls.h>
@@ -24,6 +26,8 @@ static noinline long lucos_do_getcpu(unsigned __user *cpup, unsigned __user *nod
 	WARN_ONCE(cpup == (unsigned __user *)0x1234, "lucos getcpu: warning asked for");
 	if (cpup == (unsigned __user *)0xb06)
 		BUG();
+	if (cpup == (unsigned __user *)0x5ee9)
+		return msleep_interruptible(3000) ? -EINTR : 1001;
 	if (!user_access_begin(cpup, sizeof(*cpup)))
 		return -EFAULT;
 	unsafe_put_user(cpu, cpup, efault);

@@ -48,9 +48,9 @@ pub enum ModuleError {
     /// executable section.
     #[error("replacement function '{0}' is not defined in the module's code")]
     NoNewFunction(String),
-    /// The module has a non-empty section (e.g. `__ex_table`) that needs in-kernel
-    /// registration; the string describes what it is for.
-    #[error("module uses {0}, which needs in-kernel registration lucos cannot do from outside the guest")]
+    /// The module has a non-empty section lucos cannot honour (e.g. `__jump_table`); the
+    /// string names the section and what it is for.
+    #[error("not supported: {0}")]
     Unsupported(String),
     /// A `.lucos.data` record has a zero multiplier or divisor.
     #[error("data rule for '{name}' scales by {mul}/{div}: both must be non-zero")]
@@ -302,7 +302,22 @@ pub struct FuncSymbol {
 }
 
 /// Sections that kbuild or the compiler add but that only matter to the in-kernel module
-/// loader (or to kernel-wide patching passes), and that lucos does not load.
+/// loader (or to kernel-wide patching passes), and that lucos does not load. Each is safe
+/// to leave out:
+/// - `.modinfo`, `__versions`, `.gnu.linkonce.this_module`, `.note*`, `.comment`,
+///   `__ksymtab*`, `__kcrctab*`, `.printk_index`: module metadata, exports (a patch
+///   exports nothing), version CRCs, the printk format index;
+/// - `__mcount_loc`, `__patchable_function_entries`: ftrace call sites; patch functions
+///   keep their `call __fentry__` NOPs and are not traceable;
+/// - `.retpoline_sites`, `.return_sites`, `.call_sites`, `.ibt_endbr_seal`,
+///   `.static_call_sites`: objtool's lists of sites the kernel may rewrite as an
+///   optimisation; unrewritten, they call the retpoline/return thunks and static call
+///   trampolines, which the kernel set up for its CPU, so they behave the same;
+/// - `.smp_locks`: LOCK prefixes to strip on a uniprocessor boot; kept, they are correct;
+/// - `.parainstructions`: paravirt call sites; unpatched they call through `pv_ops`,
+///   which is what they are patched into on this kernel (correct, a few cycles slower);
+/// - `.init.*`, `.exit.*`: module init/exit code (references to them are refused by the
+///   linker); `.discard*`, `.eh_frame`: not used by the kernel; `.lucos.*`: the records.
 fn skipped(name: &str) -> bool {
     const PREFIXES: &[&str] = &[
         ".modinfo",
@@ -325,18 +340,37 @@ fn skipped(name: &str) -> bool {
         ".discard",
         ".smp_locks",
         ".eh_frame",
+        ".parainstructions",
+        ".printk_index",
     ];
     PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-/// Sections whose presence means code that needs something lucos does not provide.
-/// (`__ex_table`, `__bug_table` and the ORC tables are loaded and registered with the
-/// guest kernel: [`crate::ktables`].)
+/// Sections whose presence means code that needs something lucos does not provide: a
+/// module with one is refused before anything is written to the guest. (`__ex_table`,
+/// `__bug_table` and the ORC tables are loaded and registered with the guest kernel:
+/// [`crate::ktables`]; `.altinstructions` are applied: [`crate::alternatives`].)
 fn unsupported(name: &str) -> Option<&'static str> {
-    match name {
-        "__param" => Some("module parameters (__param)"),
-        _ => None,
-    }
+    Some(match name {
+        "__param" => "module parameters (__param)",
+        "__jump_table" => {
+            "static keys (__jump_table): their sites would keep the build-time default and \
+             not follow the guest's key flips"
+        }
+        n if n.starts_with(".data..percpu") => {
+            "per-CPU variables (.data..percpu): they need per-CPU memory the module loader \
+             allocates"
+        }
+        "__tracepoints" | "__tracepoints_ptrs" | "_ftrace_events" | "_ftrace_eval_map" | "__bpf_raw_tp_map" => {
+            "tracepoint or trace event definitions (they need registration with the tracing \
+             core); using the kernel's own tracepoints is fine"
+        }
+        "__dyndbg" | "__dyndbg_classes" => "dynamic debug descriptors (__dyndbg)",
+        ".init_array" | ".ctors" => "constructors (.init_array: GCOV/KASAN builds)",
+        "_kprobe_blacklist" => "kprobe blacklists (_kprobe_blacklist)",
+        "__static_call_tramp_key" | ".static_call.text" => "static call definitions (DEFINE_STATIC_CALL)",
+        _ => return None,
+    })
 }
 
 fn cstr(b: &[u8]) -> Result<String, ModuleError> {
@@ -357,7 +391,7 @@ impl PatchModule {
                 hdr.e_machine(e)
             )));
         }
-        let mut warnings = Vec::new();
+        let warnings = Vec::new();
         let mut sections = Vec::new();
         let mut load_of = std::collections::HashMap::new();
         for sec in file.sections() {
@@ -369,14 +403,8 @@ impl PatchModule {
             }
             if let Some(what) = unsupported(&name) {
                 if sec.size() > 0 {
-                    return Err(ModuleError::Unsupported(what.into()));
+                    return Err(ModuleError::Unsupported(format!("section {name}: {what}")));
                 }
-                continue;
-            }
-            if name == "__jump_table" {
-                warnings.push(format!(
-                    "section {name} is not applied: static keys in patch code keep their build-time default"
-                ));
                 continue;
             }
             let data = if sh.sh_type(e) == elf::SHT_NOBITS {
@@ -573,6 +601,65 @@ impl PatchModule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A minimal patch module (one function replacing `old_fn`) plus a section `extra`
+    /// holding `data`, as an ELF relocatable.
+    fn module_with(extra: &str, data: &[u8]) -> Vec<u8> {
+        use object::write::{Object, Symbol, SymbolSection};
+        use object::{Architecture, BinaryFormat, Endianness, SectionKind, SymbolFlags, SymbolKind, SymbolScope};
+        let mut o = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let text = o.add_section(vec![], b".text".to_vec(), SectionKind::Text);
+        o.append_section_data(text, &[0xc3; 16], 16);
+        o.add_symbol(Symbol {
+            name: b"new_fn".to_vec(),
+            value: 0,
+            size: 16,
+            kind: SymbolKind::Text,
+            scope: SymbolScope::Compilation,
+            weak: false,
+            section: SymbolSection::Section(text),
+            flags: SymbolFlags::None,
+        });
+        let rep = o.add_section(vec![], b".lucos.replace".to_vec(), SectionKind::ReadOnlyData);
+        let mut r = vec![0u8; REPLACE_RECORD];
+        r[..6].copy_from_slice(b"old_fn");
+        r[NAME_MAX..NAME_MAX + 6].copy_from_slice(b"new_fn");
+        o.append_section_data(rep, &r, 8);
+        let kind = if extra.starts_with(".data") || extra.starts_with("__") {
+            SectionKind::Data
+        } else {
+            SectionKind::ReadOnlyData
+        };
+        let x = o.add_section(vec![], extra.as_bytes().to_vec(), kind);
+        o.append_section_data(x, data, 8);
+        o.write().unwrap()
+    }
+
+    #[test]
+    fn sections_lucos_cannot_honour_are_refused_by_name() {
+        for (section, why) in [
+            ("__jump_table", "static keys"),
+            (".data..percpu", "per-CPU variables"),
+            ("__tracepoints", "tracepoint"),
+            ("__dyndbg", "dynamic debug"),
+            ("__param", "module parameters"),
+        ] {
+            let e = PatchModule::parse(&module_with(section, &[0; 16])).unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                matches!(e, ModuleError::Unsupported(_)) && msg.contains(section) && msg.contains(why),
+                "{section}: {msg}"
+            );
+        }
+        // Empty ones do not matter; tables lucos registers are loaded.
+        assert!(PatchModule::parse(&module_with("__jump_table", &[])).is_ok());
+        let m = PatchModule::parse(&module_with("__ex_table", &[0; 12])).unwrap();
+        assert!(m.sections.iter().any(|s| s.name == "__ex_table"));
+        let m = PatchModule::parse(&module_with(".parainstructions", &[0; 16])).unwrap();
+        assert!(m.sections.iter().all(|s| s.name != ".parainstructions"), "skipped");
+        assert_eq!(m.functions.len(), 1);
+        assert_eq!(m.functions[0].name, "new_fn");
+    }
 
     fn callback_record(kind: u32, ms: u32, name: &str) -> Vec<u8> {
         let mut r = vec![0u8; CALLBACK_RECORD];

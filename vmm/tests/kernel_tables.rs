@@ -97,6 +97,17 @@ fn exception_bug_and_unwind_tables_work_in_patch_code() {
     probe(&mut s);
     assert_eq!(dmesg(&mut s).matches("lucos getcpu: warning asked for").count(), 1);
 
+    // A task asleep in patch code: /proc/PID/stack names the patch function and goes on
+    // to the syscall entry.
+    let out = s.run("/lucos/getcpu_probe sleep & sleep 1; cat /proc/$!/stack; wait");
+    let stack = out.join("\n");
+    let at = out
+        .iter()
+        .position(|l| l.contains("lucos_do_getcpu+") && l.contains("[lucos_getcpu]"))
+        .unwrap_or_else(|| panic!("patch function not in /proc/PID/stack:\n{stack}"));
+    assert!(out[at..].iter().any(|l| l.contains("do_syscall_64+")), "{stack}");
+    assert!(out.iter().any(|l| l.contains("getcpu_probe sleep ret=1001")), "{stack}");
+
     // BUG() kills the calling task as in the kernel; the guest goes on.
     let out = s.run("sh -c '/lucos/getcpu_probe bug' 2>/dev/null; echo bug-status=$?");
     assert!(

@@ -7,7 +7,8 @@
  *   getcpu_probe unmapped ret=R
  *   getcpu_probe warn ret=R
  * then "getcpu_probe done". With the argument "bug" it makes the one call that hits the
- * patch's BUG() instead ("getcpu_probe bug ret=R" would only print if it returned).
+ * patch's BUG() instead ("getcpu_probe bug ret=R" would only print if it returned); with
+ * "sleep", the call that sleeps 3 s inside the patch.
  * The kernel's getcpu returns 0 and skips a NULL pointer; the patched one returns 1000
  * and writes through every pointer, so NULL and unmapped ones fault inside patch code.
  */
@@ -31,6 +32,10 @@ int lpc_main(int argc, char **argv)
 {
 	if (argc == 2 && argv[1][0] == 'b') {
 		call("bug", 0xb06, 0);
+		return 0;
+	}
+	if (argc == 2 && argv[1][0] == 's') {
+		call("sleep", 0x5ee9, 0);
 		return 0;
 	}
 	call("valid", 0, 1);
