@@ -20,7 +20,6 @@ use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
 use crate::devices::virtio::muxer::PortListener;
 use crate::guestcall::{CallArea, CallError, SafePoint};
 use crate::introspect::kernel::KernelError;
-use crate::introspect::modules::CodeModule;
 use crate::introspect::stacks::stack_chain;
 use crate::introspect::tasks::THREAD_SIZE;
 use crate::introspect::Vmlinux;
@@ -263,18 +262,8 @@ impl Guest for VmGuest {
 
     fn register_code(&self, at: u64, info: &CodeInfo) -> Result<(), GuestError> {
         self.ensure_verified()?;
-        let c = CodeModule {
-            name: info.name.clone(),
-            base: info.base,
-            size: info.size,
-            text_size: info.text_size,
-            extable: info.extable,
-            bugs: info.bugs,
-            orc: info.orc,
-            kallsyms: info.kallsyms,
-        };
         self.kernel
-            .register_code(self.handle.memory(), at, &c)
+            .register_code(self.handle.memory(), at, info)
             .map_err(|e| GuestError::Introspection(e.into()))
     }
 

@@ -25,27 +25,9 @@ use super::rbtree::{RbTree, Words};
 use crate::memory::GuestMem;
 
 /// Patch code to register: where it is and where its tables are (all guest-virtual,
-/// inside the patch image), as the kernel's `struct module` records them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct CodeModule {
-    /// Module name shown in stack traces (`[name]`), at most 55 bytes.
-    pub name: String,
-    /// Start of the image (`core_layout.base`).
-    pub base: u64,
-    /// Bytes of the image (`core_layout.size`): lookups match `[base, base + size)`.
-    pub size: u64,
-    /// Bytes of code at the start of the image (`core_layout.text_size`).
-    pub text_size: u64,
-    /// Sorted `struct exception_table_entry` array and its length.
-    pub extable: (u64, u64),
-    /// `struct bug_entry` array and its length.
-    pub bugs: (u64, u64),
-    /// ORC tables sorted by address: `orc_unwind_ip` (i32 each), `orc_unwind` (6 bytes
-    /// each), and the number of entries.
-    pub orc: (u64, u64, u64),
-    /// `Elf64_Sym` array (entry 0 empty), its length, the string table and the type chars.
-    pub kallsyms: (u64, u64, u64, u64),
-}
+/// inside the patch image), as the kernel's `struct module` records them; the update
+/// server fills it in.
+pub use lucos_update_server::guest::CodeInfo as CodeModule;
 
 /// Byte offsets the registration needs, from BTF.
 #[derive(Debug, Clone, Copy)]

@@ -20,6 +20,29 @@ pub trait Words {
 const BLACK: u64 = 1;
 const RED: u64 = 0;
 
+/// A child of a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Left,
+    Right,
+}
+
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Left => Side::Right,
+            Side::Right => Side::Left,
+        }
+    }
+    /// Offset of the child pointer in `struct rb_node`.
+    fn offset(self) -> u64 {
+        match self {
+            Side::Left => 16,
+            Side::Right => 8,
+        }
+    }
+}
+
 /// A tree: its `struct rb_root` (one word: the root node's address, 0 when empty) at
 /// `root`, and nodes at their `struct rb_node` addresses.
 pub struct RbTree<'a, W: Words> {
@@ -44,16 +67,16 @@ impl<'a, W: Words> RbTree<'a, W> {
         Ok(n == 0 || self.pc(n)? & 1 == BLACK)
     }
     fn left(&self, n: u64) -> Result<u64, W::Error> {
-        self.mem.read(n + 16)
+        self.child(n, Side::Left)
     }
     fn right(&self, n: u64) -> Result<u64, W::Error> {
-        self.mem.read(n + 8)
+        self.child(n, Side::Right)
     }
     fn set_left(&self, n: u64, v: u64) -> Result<(), W::Error> {
-        self.mem.write(n + 16, v)
+        self.set_child(n, Side::Left, v)
     }
     fn set_right(&self, n: u64, v: u64) -> Result<(), W::Error> {
-        self.mem.write(n + 8, v)
+        self.set_child(n, Side::Right, v)
     }
     fn set_parent(&self, n: u64, p: u64) -> Result<(), W::Error> {
         let c = self.pc(n)? & 1;
@@ -82,31 +105,25 @@ impl<'a, W: Words> RbTree<'a, W> {
         }
     }
 
-    fn rotate_left(&self, x: u64) -> Result<(), W::Error> {
-        let y = self.right(x)?;
-        let yl = self.left(y)?;
-        self.set_right(x, yl)?;
-        if yl != 0 {
-            self.set_parent(yl, x)?;
-        }
-        let p = self.parent(x)?;
-        self.set_parent(y, p)?;
-        self.replace_child(p, x, y)?;
-        self.set_left(y, x)?;
-        self.set_parent(x, y)
+    fn child(&self, n: u64, side: Side) -> Result<u64, W::Error> {
+        self.mem.read(n + side.offset())
+    }
+    fn set_child(&self, n: u64, side: Side, v: u64) -> Result<(), W::Error> {
+        self.mem.write(n + side.offset(), v)
     }
 
-    fn rotate_right(&self, x: u64) -> Result<(), W::Error> {
-        let y = self.left(x)?;
-        let yr = self.right(y)?;
-        self.set_left(x, yr)?;
-        if yr != 0 {
-            self.set_parent(yr, x)?;
+    /// Rotates `x` towards `side`: its child on the other side takes its place.
+    fn rotate(&self, x: u64, side: Side) -> Result<(), W::Error> {
+        let y = self.child(x, side.other())?;
+        let inner = self.child(y, side)?;
+        self.set_child(x, side.other(), inner)?;
+        if inner != 0 {
+            self.set_parent(inner, x)?;
         }
         let p = self.parent(x)?;
         self.set_parent(y, p)?;
         self.replace_child(p, x, y)?;
-        self.set_right(y, x)?;
+        self.set_child(y, side, x)?;
         self.set_parent(x, y)
     }
 
@@ -142,43 +159,24 @@ impl<'a, W: Words> RbTree<'a, W> {
                 break;
             }
             let g = self.parent(p)?; // a red node is never the root: g exists
-            if p == self.left(g)? {
-                let u = self.right(g)?;
-                if !self.is_black(u)? {
-                    self.set_color(p, BLACK)?;
-                    self.set_color(u, BLACK)?;
-                    self.set_color(g, RED)?;
-                    z = g;
-                    continue;
-                }
-                if z == self.right(p)? {
-                    z = p;
-                    self.rotate_left(z)?;
-                }
-                let p = self.parent(z)?;
-                let g = self.parent(p)?;
+            let side = if p == self.left(g)? { Side::Left } else { Side::Right };
+            let u = self.child(g, side.other())?;
+            if !self.is_black(u)? {
                 self.set_color(p, BLACK)?;
+                self.set_color(u, BLACK)?;
                 self.set_color(g, RED)?;
-                self.rotate_right(g)?;
-            } else {
-                let u = self.left(g)?;
-                if !self.is_black(u)? {
-                    self.set_color(p, BLACK)?;
-                    self.set_color(u, BLACK)?;
-                    self.set_color(g, RED)?;
-                    z = g;
-                    continue;
-                }
-                if z == self.left(p)? {
-                    z = p;
-                    self.rotate_right(z)?;
-                }
-                let p = self.parent(z)?;
-                let g = self.parent(p)?;
-                self.set_color(p, BLACK)?;
-                self.set_color(g, RED)?;
-                self.rotate_left(g)?;
+                z = g;
+                continue;
             }
+            if z == self.child(p, side.other())? {
+                z = p;
+                self.rotate(z, side)?;
+            }
+            let p = self.parent(z)?;
+            let g = self.parent(p)?;
+            self.set_color(p, BLACK)?;
+            self.set_color(g, RED)?;
+            self.rotate(g, side.other())?;
         }
         let r = self.root()?;
         self.set_color(r, BLACK)
@@ -249,69 +247,38 @@ impl<'a, W: Words> RbTree<'a, W> {
 
     fn erase_fixup(&self, mut x: u64, mut xp: u64) -> Result<(), W::Error> {
         while x != self.root()? && self.is_black(x)? {
-            if x == self.left(xp)? {
-                let mut w = self.right(xp)?;
-                if !self.is_black(w)? {
-                    self.set_color(w, BLACK)?;
-                    self.set_color(xp, RED)?;
-                    self.rotate_left(xp)?;
-                    w = self.right(xp)?;
-                }
-                if self.is_black(self.left(w)?)? && self.is_black(self.right(w)?)? {
-                    self.set_color(w, RED)?;
-                    x = xp;
-                    xp = self.parent(x)?;
-                } else {
-                    if self.is_black(self.right(w)?)? {
-                        let wl = self.left(w)?;
-                        self.set_color(wl, BLACK)?;
-                        self.set_color(w, RED)?;
-                        self.rotate_right(w)?;
-                        w = self.right(xp)?;
-                    }
-                    let c = self.pc(xp)? & 1;
-                    self.set_color(w, c)?;
-                    self.set_color(xp, BLACK)?;
-                    let wr = self.right(w)?;
-                    if wr != 0 {
-                        self.set_color(wr, BLACK)?;
-                    }
-                    self.rotate_left(xp)?;
-                    x = self.root()?;
-                    break;
-                }
-            } else {
-                let mut w = self.left(xp)?;
-                if !self.is_black(w)? {
-                    self.set_color(w, BLACK)?;
-                    self.set_color(xp, RED)?;
-                    self.rotate_right(xp)?;
-                    w = self.left(xp)?;
-                }
-                if self.is_black(self.right(w)?)? && self.is_black(self.left(w)?)? {
-                    self.set_color(w, RED)?;
-                    x = xp;
-                    xp = self.parent(x)?;
-                } else {
-                    if self.is_black(self.left(w)?)? {
-                        let wr = self.right(w)?;
-                        self.set_color(wr, BLACK)?;
-                        self.set_color(w, RED)?;
-                        self.rotate_left(w)?;
-                        w = self.left(xp)?;
-                    }
-                    let c = self.pc(xp)? & 1;
-                    self.set_color(w, c)?;
-                    self.set_color(xp, BLACK)?;
-                    let wl = self.left(w)?;
-                    if wl != 0 {
-                        self.set_color(wl, BLACK)?;
-                    }
-                    self.rotate_right(xp)?;
-                    x = self.root()?;
-                    break;
-                }
+            // x (possibly absent) is on `side` of xp; its sibling subtree is never empty.
+            let side = if x == self.left(xp)? { Side::Left } else { Side::Right };
+            let mut w = self.child(xp, side.other())?;
+            if !self.is_black(w)? {
+                self.set_color(w, BLACK)?;
+                self.set_color(xp, RED)?;
+                self.rotate(xp, side)?;
+                w = self.child(xp, side.other())?;
             }
+            if self.is_black(self.left(w)?)? && self.is_black(self.right(w)?)? {
+                self.set_color(w, RED)?;
+                x = xp;
+                xp = self.parent(x)?;
+                continue;
+            }
+            if self.is_black(self.child(w, side.other())?)? {
+                let near = self.child(w, side)?;
+                self.set_color(near, BLACK)?;
+                self.set_color(w, RED)?;
+                self.rotate(w, side.other())?;
+                w = self.child(xp, side.other())?;
+            }
+            let c = self.pc(xp)? & 1;
+            self.set_color(w, c)?;
+            self.set_color(xp, BLACK)?;
+            let far = self.child(w, side.other())?;
+            if far != 0 {
+                self.set_color(far, BLACK)?;
+            }
+            self.rotate(xp, side)?;
+            x = self.root()?;
+            break;
         }
         if x != 0 {
             self.set_color(x, BLACK)?;
