@@ -1,10 +1,12 @@
 //! Looking into the running guest from outside: guest-virtual memory access through the
-//! guest's own page tables, the kernel's symbols and struct layouts (BTF), and its tasks;
+//! guest's own page tables, the kernel's symbols and struct layouts (BTF), its tasks, and
+//! whether it is shutting down or panicking;
 //! the vmlinux they are parsed from, read once.
 
 pub mod btf;
 pub mod kernel;
 pub mod pagewalk;
+pub mod shutdown;
 pub mod tasks;
 pub mod vmlinux;
 
