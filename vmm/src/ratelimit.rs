@@ -2,9 +2,10 @@
 //!
 //! The guest is untrusted, kernel and every process in it: anything it can make the VMM
 //! log (a malformed virtio descriptor, a bad register access, a fake console line) it can
-//! make the VMM log in a loop. [`warn_limited!`](crate::warn_limited) lets a burst of
-//! [`BURST`] lines per call site through every [`WINDOW`], counts the rest, and says how
-//! many were suppressed on the next line it lets through.
+//! make the VMM log in a loop. [`warn_limited!`](crate::warn_limited) and
+//! [`info_limited!`](crate::info_limited) let a burst of [`BURST`] lines per call site
+//! through every [`WINDOW`], count the rest, and say how many were suppressed on the next
+//! line they let through.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -69,18 +70,39 @@ impl RateLimit {
     }
 }
 
-/// `log::warn!` for a line the guest can trigger: at most [`BURST`](crate::ratelimit::BURST)
-/// lines per [`WINDOW`](crate::ratelimit::WINDOW) from each call site.
+/// `log::log!` at `level` for a line the guest can trigger: at most
+/// [`BURST`](crate::ratelimit::BURST) lines per [`WINDOW`](crate::ratelimit::WINDOW) from
+/// each call site.
 #[macro_export]
-macro_rules! warn_limited {
-    ($($arg:tt)+) => {{
+macro_rules! log_limited {
+    ($level:expr, $($arg:tt)+) => {{
         static LIMIT: $crate::ratelimit::RateLimit = $crate::ratelimit::RateLimit::new();
-        match LIMIT.check() {
-            Some(0) => ::log::warn!($($arg)+),
-            Some(n) => ::log::warn!("{} ({} similar lines suppressed)", format_args!($($arg)+), n),
-            None => {}
+        if ::log::log_enabled!($level) {
+            match LIMIT.check() {
+                Some(0) => ::log::log!($level, $($arg)+),
+                Some(n) => ::log::log!($level, "{} ({} similar lines suppressed)", format_args!($($arg)+), n),
+                None => {}
+            }
         }
     }};
+}
+
+/// `log::warn!` for a line the guest can trigger, rate-limited like
+/// [`log_limited!`](crate::log_limited).
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {
+        $crate::log_limited!(::log::Level::Warn, $($arg)+)
+    };
+}
+
+/// `log::info!` for a line the guest can trigger, rate-limited like
+/// [`log_limited!`](crate::log_limited).
+#[macro_export]
+macro_rules! info_limited {
+    ($($arg:tt)+) => {
+        $crate::log_limited!(::log::Level::Info, $($arg)+)
+    };
 }
 
 #[cfg(test)]
@@ -107,6 +129,7 @@ mod tests {
         let what = "x";
         for _ in 0..100 {
             crate::warn_limited!("rate-limited test line {what} {}", 1);
+            crate::info_limited!("rate-limited test line {what}");
         }
     }
 }

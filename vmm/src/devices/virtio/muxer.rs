@@ -27,9 +27,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, RwLock};
 
-use log::{debug, info};
+use log::debug;
 
-use crate::warn_limited;
+use crate::{info_limited, warn_limited};
 
 /// The host's CID: the VMM end of every connection.
 pub const HOST_CID: u64 = 2;
@@ -274,9 +274,10 @@ impl Muxer {
             let stream = listener.and_then(|l| l.connect(key.host_port));
             match stream.map(|s| s.set_nonblocking(true).map(|()| s)) {
                 Some(Ok(s)) => {
-                    info!(
+                    info_limited!(
                         "vsock: guest port {} connected to host port {}",
-                        key.guest_port, key.host_port
+                        key.guest_port,
+                        key.host_port
                     );
                     self.conns.insert(key, Conn::new(s, hdr));
                     self.queue_control(key, OP_RESPONSE, 0);
@@ -286,7 +287,7 @@ impl Muxer {
                     self.queue_control(key, OP_RST, 0);
                 }
                 None => {
-                    info!("vsock: nothing listens on host port {}; reset", key.host_port);
+                    info_limited!("vsock: nothing listens on host port {}; reset", key.host_port);
                     self.queue_control(key, OP_RST, 0);
                 }
             }
