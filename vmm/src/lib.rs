@@ -27,6 +27,7 @@
 //!   point, in a private environment, and restoring the vCPU.
 //! - [`update`]: the update server's view of the VM (its `Guest` trait) and its start-up.
 //! - [`microvm`]: a ten-instruction guest for fast tests and benchmarks on the real KVM.
+//! - [`ratelimit`]: rate-limited logging of what the guest can trigger at will.
 //! - [`events`]: what devices and vCPUs report to the main thread, and why a VM stopped.
 //! - [`vm`]: puts it all together and runs the guest until it stops.
 
@@ -48,6 +49,7 @@ pub mod profile;
 pub mod protect;
 pub mod pvm;
 pub mod quirks;
+pub mod ratelimit;
 pub mod symbols;
 pub mod update;
 pub mod vcpu;

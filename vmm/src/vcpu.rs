@@ -172,7 +172,7 @@ impl guestcall::CallVcpu for Vcpu {
                     fault::internal_error_name(suberror)
                 )))
             }
-            Next::Fatal(what) => CallExit::Failed(CallError::Emulation(what)),
+            Next::Fatal(what) | Next::TripleFault(what) => CallExit::Failed(CallError::Emulation(what)),
             Next::Stop => CallExit::Stopping,
             other => {
                 self.dispatch(other);
@@ -206,6 +206,9 @@ enum Next {
         suberror: u32,
     },
     Fatal(String),
+    /// KVM_EXIT_SHUTDOWN: a reset if the kernel meant it (restart, panic), else a crash;
+    /// the main thread decides from the kernel's state.
+    TripleFault(String),
     Stop,
 }
 
@@ -269,6 +272,11 @@ impl Vcpu {
             Next::Fatal(what) => {
                 let msg = fault::report(&self.fd, &self.shared.mem, self.shared.symbols.as_deref(), &what);
                 let _ = self.shared.events.send(VmEvent::Crash(msg));
+                return false;
+            }
+            Next::TripleFault(what) => {
+                let msg = fault::report(&self.fd, &self.shared.mem, self.shared.symbols.as_deref(), &what);
+                let _ = self.shared.events.send(VmEvent::TripleFault(msg));
                 return false;
             }
         }
@@ -351,7 +359,7 @@ impl Vcpu {
                 }
                 VcpuExit::Hlt => Next::Continue,
                 VcpuExit::Intr => Next::Continue,
-                VcpuExit::Shutdown => Next::Fatal(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)")),
+                VcpuExit::Shutdown => Next::TripleFault(format!("vCPU {id}: triple fault (KVM_EXIT_SHUTDOWN)")),
                 VcpuExit::FailEntry(reason, cpu) => Next::Fatal(format!(
                     "vCPU {id}: KVM_EXIT_FAIL_ENTRY, hardware entry failure reason {reason:#x} on host cpu {cpu}"
                 )),

@@ -27,6 +27,7 @@ use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::Interrupt;
 use crate::devices::{Bus, BusError};
 use crate::events::{ExitReason, VmEvent};
+use crate::introspect::shutdown::ShutdownProbe;
 use crate::introspect::Vmlinux;
 use crate::layout::{
     PatchRegion, CMDLINE_START, DEVICE_MMIO_START, SERIAL_IRQ, SERIAL_PORT, VSOCK_IRQ, VSOCK_MMIO_SIZE,
@@ -376,7 +377,8 @@ impl Vm {
                 opts.profile_depth,
             )
         });
-        let reason = crate::events::wait_for_exit(&self.events, opts.timeout);
+        let kernel = ShutdownProbe::new(self.shared.mem.clone(), self.shared.symbols.as_deref());
+        let reason = crate::events::wait_for_exit(&self.events, opts.timeout, &kernel);
         if let Some(p) = profiler {
             eprintln!("\r\n{}", p.finish(30));
         }

@@ -105,6 +105,33 @@ fn guest_panic_is_reported_with_exit_code_3() {
     );
 }
 
+/// Security issue item 15: the kernel's power-off and panic lines are hints; a guest
+/// process that prints them (to /dev/console and /dev/ttyS0) must not stop the VM, which
+/// then powers off for real (`poweroff -f`).
+#[test]
+fn console_lines_from_a_guest_process_do_not_stop_the_vm() {
+    let b = boot(
+        1,
+        "echo 'reboot: Power down' > /dev/console; \
+         echo 'Kernel panic - not syncing: printed by a process' > /dev/ttyS0; \
+         echo 'reboot: System halted' > /dev/console; \
+         echo 'reboot: Power down' > /dev/ttyS0; \
+         sleep 7; echo LUCOS-STILL-$((6*7)); poweroff -f",
+        &[],
+    );
+    assert!(b.line_with("LUCOS-STILL-42").is_some(), "{}", b.dump());
+    assert_eq!(b.code, Some(0), "{}", b.dump());
+    assert!(b.stderr.contains("guest powered off"), "{}", b.dump());
+    assert!(!b.stderr.contains("panicked"), "{}", b.dump());
+    // The kernel's own line came after the fake ones. Without a power-off driver (no
+    // ACPI) the kernel turns `poweroff` into a halt: "reboot: System halted".
+    let still = b.stdout.find("LUCOS-STILL-42").unwrap();
+    let own = b.stdout[still..]
+        .lines()
+        .find(|l| l.contains("reboot: System halted") || l.contains("reboot: Power down"));
+    assert!(own.is_some_and(|l| l.starts_with('[')), "{}", b.dump());
+}
+
 #[test]
 fn timeout_stops_a_running_guest() {
     let b = common::boot_with_timeout(1, "sleep 600", 20, &[]);

@@ -1,5 +1,6 @@
 //! COM1: a vm-superio 16550A whose interrupt is an irqfd on IRQ 4 and whose output goes to
-//! the host console (and through a line monitor that spots kernel panics and power-off).
+//! the host console (and through a line monitor that spots the kernel's panic, power-off and
+//! halt lines: hints only, see [`ConsoleOut`]).
 
 use std::io::Write;
 use std::sync::mpsc::Sender;
@@ -9,7 +10,7 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BusDevice;
-use crate::events::VmEvent;
+use crate::events::{ConsoleClaim, VmEvent};
 
 /// Raises the serial interrupt by writing to an eventfd registered as an irqfd.
 pub struct EventFdTrigger(pub EventFd);
@@ -21,20 +22,19 @@ impl Trigger for EventFdTrigger {
     }
 }
 
-/// Console output: forwards the guest's bytes to `out` and watches whole lines for
-/// events the VMM must act on. x86 without ACPI has no power-off device, so the kernel's
-/// `reboot: Power down` line is the only sign of a power-off; a `Kernel panic` line marks
-/// the following reset as a crash.
+/// Console output: forwards the guest's bytes to `out` and watches whole lines for hints
+/// of events the VMM must act on. x86 without ACPI has no power-off device, so the
+/// kernel's `reboot: Power down` line is the first sign of a power-off, and a `Kernel
+/// panic` line marks the following reset as a crash. Any guest process that can write to
+/// the console can print those lines: they are sent as [`VmEvent::ConsoleClaim`]s, which
+/// the main thread checks against the kernel's own state before it acts.
 pub struct ConsoleOut {
     out: Box<dyn Write + Send>,
     line: Vec<u8>,
     events: Sender<VmEvent>,
 }
 
-/// The kernel's panic line; seeing it sends [`VmEvent::Panic`] with the line.
-pub const PANIC_MARKER: &str = "Kernel panic - not syncing";
-/// The kernel's power-off line; seeing it sends [`VmEvent::PowerOff`].
-pub const POWER_DOWN_MARKER: &str = "reboot: Power down";
+pub use crate::events::{HALT_MARKER, PANIC_MARKER, POWER_DOWN_MARKER};
 
 impl ConsoleOut {
     /// Output to `out`, with guest events sent on `events`.
@@ -48,10 +48,17 @@ impl ConsoleOut {
 
     fn check_line(&mut self) {
         let line = String::from_utf8_lossy(&self.line);
-        if let Some(i) = line.find(PANIC_MARKER) {
-            let _ = self.events.send(VmEvent::Panic(line[i..].trim_end().to_string()));
+        let claim = if let Some(i) = line.find(PANIC_MARKER) {
+            Some(ConsoleClaim::Panic(line[i..].trim_end().to_string()))
         } else if line.contains(POWER_DOWN_MARKER) {
-            let _ = self.events.send(VmEvent::PowerOff);
+            Some(ConsoleClaim::PowerDown)
+        } else if line.contains(HALT_MARKER) {
+            Some(ConsoleClaim::Halted)
+        } else {
+            None
+        };
+        if let Some(c) = claim {
+            let _ = self.events.send(VmEvent::ConsoleClaim(c));
         }
         self.line.clear();
     }
@@ -110,13 +117,20 @@ mod tests {
         c.write_all(b"[    1.0] Kernel panic - not syncing: VFS: Unable to mount root\r\n")
             .unwrap();
         match rx.try_recv() {
-            Ok(VmEvent::Panic(s)) => assert!(s.starts_with(PANIC_MARKER) && s.ends_with("root"), "{s}"),
+            Ok(VmEvent::ConsoleClaim(ConsoleClaim::Panic(s))) => {
+                assert!(s.starts_with(PANIC_MARKER) && s.ends_with("root"), "{s}")
+            }
             other => panic!("{other:?}"),
         }
         c.write_all(b"hello\n[ 2.0] reboot: Power d").unwrap();
         assert!(rx.try_recv().is_err());
         c.write_all(b"own\n").unwrap();
-        assert!(matches!(rx.try_recv(), Ok(VmEvent::PowerOff)));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(VmEvent::ConsoleClaim(ConsoleClaim::PowerDown))
+        ));
+        c.write_all(b"[ 3.0] reboot: System halted\r\n").unwrap();
+        assert!(matches!(rx.try_recv(), Ok(VmEvent::ConsoleClaim(ConsoleClaim::Halted))));
     }
 
     #[test]

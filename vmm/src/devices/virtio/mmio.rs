@@ -12,12 +12,13 @@
 
 use std::sync::Arc;
 
-use log::{debug, info, warn};
+use log::{debug, info};
 use virtio_queue::{Queue, QueueT};
 
 use super::{Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::BusDevice;
 use crate::memory::GuestMem;
+use crate::warn_limited;
 
 /// "virt" in little endian.
 pub const MMIO_MAGIC: u32 = 0x7472_6976;
@@ -146,7 +147,7 @@ impl MmioTransport {
             .filter_map(|&m| match Queue::new(m) {
                 Ok(q) => Some(q),
                 Err(e) => {
-                    warn!("virtio-mmio: bad queue max size {m}: {e}");
+                    warn_limited!("virtio-mmio: bad queue max size {m}: {e}");
                     None
                 }
             })
@@ -160,13 +161,13 @@ impl MmioTransport {
 
     fn queue(&mut self) -> Option<&mut Queue> {
         if self.activated || self.status & STATUS_DRIVER_OK != 0 {
-            warn!("virtio-mmio: queue setup after DRIVER_OK ignored");
+            warn_limited!("virtio-mmio: queue setup after DRIVER_OK ignored");
             return None;
         }
         let sel = self.queue_sel as usize;
         let q = self.queues.get_mut(sel);
         if q.is_none() {
-            warn!("virtio-mmio: queue {sel} does not exist");
+            warn_limited!("virtio-mmio: queue {sel} does not exist");
         }
         q
     }
@@ -191,7 +192,7 @@ impl MmioTransport {
         }
         // The driver only ever adds bits (until a reset).
         if v & self.status != self.status {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: status {:#x} -> {v:#x} clears bits without a reset; ignored",
                 self.status
             );
@@ -201,7 +202,7 @@ impl MmioTransport {
         if new & STATUS_FEATURES_OK != 0 {
             let offered = self.device.features();
             if self.driver_features & !offered != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                warn!(
+                warn_limited!(
                     "virtio-mmio: driver features {:#x} not acceptable (offered {offered:#x}, VERSION_1 required)",
                     self.driver_features
                 );
@@ -212,7 +213,7 @@ impl MmioTransport {
         }
         if new & STATUS_DRIVER_OK != 0 {
             if self.status & STATUS_FEATURES_OK == 0 && v & STATUS_FEATURES_OK == 0 {
-                warn!("virtio-mmio: DRIVER_OK without FEATURES_OK");
+                warn_limited!("virtio-mmio: DRIVER_OK without FEATURES_OK");
                 self.status = v | STATUS_DEVICE_NEEDS_RESET;
                 return;
             }
@@ -230,7 +231,7 @@ impl MmioTransport {
             .enumerate()
             .find(|(_, q)| !q.ready() || !q.is_valid(&self.mem))
         {
-            warn!("virtio-mmio: DRIVER_OK but queue {i} is not ready or not valid");
+            warn_limited!("virtio-mmio: DRIVER_OK but queue {i} is not ready or not valid");
             self.status |= STATUS_DEVICE_NEEDS_RESET;
             self.interrupt.trigger(super::VIRTIO_MMIO_INT_CONFIG);
             return;
@@ -250,7 +251,7 @@ impl MmioTransport {
                 info!("virtio-mmio: device type {} activated", self.device.device_type());
             }
             Err(e) => {
-                warn!("virtio-mmio: device activation failed: {e}");
+                warn_limited!("virtio-mmio: device activation failed: {e}");
                 self.status |= STATUS_DEVICE_NEEDS_RESET;
                 self.interrupt.trigger(super::VIRTIO_MMIO_INT_CONFIG);
             }
@@ -272,13 +273,14 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => self.queues.get(sel).map_or(0, |q| q.max_size() as u32),
             REG_QUEUE_READY => self.queues.get(sel).map_or(0, |q| q.ready() as u32),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
+            REG_STATUS if self.activated && self.device.needs_reset() => self.status | STATUS_DEVICE_NEEDS_RESET,
             REG_STATUS => self.status,
             // No shared memory regions: length -1 means "does not exist".
             REG_SHM_LEN_LOW | REG_SHM_LEN_HIGH => u32::MAX,
             REG_SHM_BASE_LOW | REG_SHM_BASE_HIGH => u32::MAX,
             REG_CONFIG_GENERATION => self.config_generation,
             _ => {
-                warn!("virtio-mmio: read of unknown or write-only register {offset:#x}");
+                warn_limited!("virtio-mmio: read of unknown or write-only register {offset:#x}");
                 0
             }
         }
@@ -290,20 +292,20 @@ impl MmioTransport {
             REG_DRIVER_FEATURES_SEL => self.driver_features_sel = v,
             REG_DRIVER_FEATURES => {
                 if self.status & STATUS_FEATURES_OK != 0 {
-                    warn!("virtio-mmio: driver features written after FEATURES_OK; ignored");
+                    warn_limited!("virtio-mmio: driver features written after FEATURES_OK; ignored");
                     return;
                 }
                 match self.driver_features_sel {
                     0 => self.driver_features = (self.driver_features & !0xffff_ffff) | v as u64,
                     1 => self.driver_features = (self.driver_features & 0xffff_ffff) | ((v as u64) << 32),
-                    s => warn!("virtio-mmio: driver features word {s} does not exist"),
+                    s => warn_limited!("virtio-mmio: driver features word {s} does not exist"),
                 }
             }
             REG_QUEUE_SEL => self.queue_sel = v,
             REG_QUEUE_NUM => {
                 if let Some(q) = self.queue() {
                     if let Err(e) = q.try_set_size(v.min(u16::MAX as u32 + 1) as u16) {
-                        warn!("virtio-mmio: queue size {v}: {e}");
+                        warn_limited!("virtio-mmio: queue size {v}: {e}");
                     }
                 }
             }
@@ -346,7 +348,7 @@ impl MmioTransport {
             REG_INTERRUPT_ACK => self.interrupt.ack(v),
             REG_STATUS => self.set_status(v),
             REG_SHM_SEL => {}
-            _ => warn!("virtio-mmio: write of unknown or read-only register {offset:#x} = {v:#x}"),
+            _ => warn_limited!("virtio-mmio: write of unknown or read-only register {offset:#x} = {v:#x}"),
         }
     }
 }
@@ -358,7 +360,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset & 3 != 0 {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: {}-byte read at {offset:#x} (registers are 32-bit)",
                 data.len()
             );
@@ -374,14 +376,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            warn_limited!(
                 "virtio-mmio: {}-byte write at {offset:#x} (registers are 32-bit)",
                 data.len()
             );
             return;
         };
         if offset & 3 != 0 {
-            warn!("virtio-mmio: unaligned write at {offset:#x}");
+            warn_limited!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

@@ -108,4 +108,9 @@ pub trait VirtioDevice: Send {
     fn queue_notify(&mut self, index: u32);
     /// The driver reset the device: stop processing and forget all queue state.
     fn reset(&mut self);
+    /// Whether the device hit an error it cannot recover from without a reset (a queue
+    /// the driver broke): the transport shows DEVICE_NEEDS_RESET in the status register.
+    fn needs_reset(&self) -> bool {
+        false
+    }
 }

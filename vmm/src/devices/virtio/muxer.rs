@@ -27,7 +27,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, RwLock};
 
-use log::{debug, info, warn};
+use log::debug;
+
+use crate::{info_limited, warn_limited};
 
 /// The host's CID: the VMM end of every connection.
 pub const HOST_CID: u64 = 2;
@@ -214,6 +216,13 @@ impl Muxer {
         self.guest_cid
     }
 
+    /// Closes every connection (their host streams see EOF) and forgets pending control
+    /// packets: the device stopped.
+    pub fn drop_all(&mut self) {
+        self.conns.clear();
+        self.control.clear();
+    }
+
     /// Number of open connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
@@ -221,7 +230,7 @@ impl Muxer {
 
     fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
         if self.control.len() >= MAX_PENDING_CONTROL {
-            warn!("vsock: too many control packets pending; dropping op {op} for {key:?}");
+            warn_limited!("vsock: too many control packets pending; dropping op {op} for {key:?}");
             return;
         }
         self.control.push_back((key, op, flags));
@@ -240,9 +249,11 @@ impl Muxer {
             host_port: hdr.dst_port,
         };
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
-            warn!(
+            warn_limited!(
                 "vsock: dropping packet from cid {} to cid {} (guest is {}, host {HOST_CID})",
-                hdr.src_cid, hdr.dst_cid, self.guest_cid
+                hdr.src_cid,
+                hdr.dst_cid,
+                self.guest_cid
             );
             return;
         }
@@ -255,7 +266,7 @@ impl Muxer {
         }
         if hdr.op == OP_REQUEST {
             if self.conns.contains_key(&key) {
-                warn!("vsock: REQUEST for existing connection {key:?}; reset");
+                warn_limited!("vsock: REQUEST for existing connection {key:?}; reset");
                 self.reset(key);
                 return;
             }
@@ -263,19 +274,20 @@ impl Muxer {
             let stream = listener.and_then(|l| l.connect(key.host_port));
             match stream.map(|s| s.set_nonblocking(true).map(|()| s)) {
                 Some(Ok(s)) => {
-                    info!(
+                    info_limited!(
                         "vsock: guest port {} connected to host port {}",
-                        key.guest_port, key.host_port
+                        key.guest_port,
+                        key.host_port
                     );
                     self.conns.insert(key, Conn::new(s, hdr));
                     self.queue_control(key, OP_RESPONSE, 0);
                 }
                 Some(Err(e)) => {
-                    warn!("vsock: host stream for {key:?}: {e}");
+                    warn_limited!("vsock: host stream for {key:?}: {e}");
                     self.queue_control(key, OP_RST, 0);
                 }
                 None => {
-                    info!("vsock: nothing listens on host port {}; reset", key.host_port);
+                    info_limited!("vsock: nothing listens on host port {}; reset", key.host_port);
                     self.queue_control(key, OP_RST, 0);
                 }
             }
@@ -297,11 +309,11 @@ impl Muxer {
             }
             OP_RW => {
                 if conn.peer_shut_send {
-                    warn!("vsock: data after SHUTDOWN(send) on {key:?}; reset");
+                    warn_limited!("vsock: data after SHUTDOWN(send) on {key:?}; reset");
                     return self.reset(key);
                 }
                 if data.len() > (BUF_ALLOC as usize).saturating_sub(conn.to_host.len()) {
-                    warn!("vsock: guest overran its credit on {key:?}; reset");
+                    warn_limited!("vsock: guest overran its credit on {key:?}; reset");
                     return self.reset(key);
                 }
                 conn.to_host.extend(data);
@@ -320,7 +332,7 @@ impl Muxer {
             OP_CREDIT_UPDATE => {}
             OP_CREDIT_REQUEST => conn.credit_update_due = true,
             op => {
-                warn!("vsock: unexpected op {op} on {key:?}; reset");
+                warn_limited!("vsock: unexpected op {op} on {key:?}; reset");
                 self.reset(key);
             }
         }

@@ -6,23 +6,35 @@
 //! notification (the vCPU thread's QueueNotify write signals an eventfd) or on host
 //! stream readiness (epoll), then drains the TX queue into the muxer, writes pending
 //! guest data to the host streams, and fills RX buffers with the muxer's packets.
+//!
+//! The driver is untrusted. Whatever it puts in the queues, the worker only works when
+//! there is progress to make: a malformed chain is used with length 0, an RX buffer
+//! without room for data is used with length 0 when it cannot carry a control packet,
+//! and a queue whose available index is more than the queue size ahead (or cannot be
+//! read) stops the device: it sets DEVICE_NEEDS_RESET (virtio 1.2, 2.1.2), drops its
+//! connections and does nothing more until the driver resets it. What the device takes
+//! from an RX buffer is capped at [`MAX_PKT_DATA`], whatever length the descriptor claims.
+//! Log lines the guest can trigger are rate-limited.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use log::{debug, warn};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
 use vm_memory::bitmap::BitmapSlice;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::{Hdr, ListenerSlot, Muxer, HOST_CID};
-use super::{ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_VRING};
+use super::{
+    ActivateError, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
+};
 use crate::memory::GuestMem;
+use crate::warn_limited;
 
 pub use super::muxer::PortListener;
 
@@ -36,7 +48,8 @@ pub const TXQ: usize = 1;
 pub const EVQ: usize = 2;
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 256;
-/// Largest packet payload accepted or produced.
+/// Largest packet payload accepted or produced (as Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`):
+/// the most the device takes from one RX buffer, whatever its descriptor's length.
 pub const MAX_PKT_DATA: u32 = 64 * 1024;
 /// epoll token of the queue-notification eventfd (stream tokens are their fds).
 const KICK_TOKEN: u64 = u64::MAX;
@@ -46,6 +59,8 @@ pub struct Vsock {
     cid: u64,
     listener: ListenerSlot,
     worker: Option<Worker>,
+    /// Set by the worker when the driver broke a queue; cleared by a reset.
+    needs_reset: Arc<AtomicBool>,
 }
 
 struct Worker {
@@ -61,6 +76,7 @@ impl Vsock {
             cid,
             listener,
             worker: None,
+            needs_reset: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -107,7 +123,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
-        warn!("vsock: guest wrote read-only config at {offset:#x}; ignored");
+        warn_limited!("vsock: guest wrote read-only config at {offset:#x}; ignored");
     }
 
     fn activate(
@@ -122,7 +138,9 @@ impl VirtioDevice for Vsock {
             got: q.len(),
         })?;
         self.stop_worker();
-        let backend = VsockBackend::new(mem, queues, interrupt, Muxer::new(self.cid, self.listener.clone()));
+        self.needs_reset.store(false, Ordering::Release);
+        let mut backend = VsockBackend::new(mem, queues, interrupt, Muxer::new(self.cid, self.listener.clone()));
+        backend.needs_reset = self.needs_reset.clone();
         let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?);
         let stop = Arc::new(AtomicBool::new(false));
         let (k, s) = (kick.clone(), stop.clone());
@@ -136,7 +154,7 @@ impl VirtioDevice for Vsock {
 
     fn queue_notify(&mut self, index: u32) {
         if index as usize > EVQ {
-            warn!("vsock: notify for queue {index}, which does not exist");
+            warn_limited!("vsock: notify for queue {index}, which does not exist");
             return;
         }
         if let Some(w) = &self.worker {
@@ -146,6 +164,11 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.stop_worker();
+        self.needs_reset.store(false, Ordering::Release);
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
     }
 }
 
@@ -160,7 +183,23 @@ pub struct VsockBackend {
     _evq: Queue,
     interrupt: Arc<Interrupt>,
     muxer: Muxer,
-    buf: Vec<u8>,
+    /// Data of the TX packet being handled (at most [`MAX_PKT_DATA`] bytes).
+    tx_buf: Vec<u8>,
+    /// Room for one RX packet's data: [`MAX_PKT_DATA`] bytes, allocated once, never sized
+    /// from a length the guest gave.
+    rx_buf: Box<[u8]>,
+    /// The driver broke a queue: the device stopped and asks for a reset.
+    needs_reset: Arc<AtomicBool>,
+    /// Rounds of the worker loop (tests watch it for busy loops).
+    rounds: Arc<AtomicU64>,
+}
+
+/// Why a queue cannot be processed any more.
+#[derive(Debug, thiserror::Error)]
+#[error("vsock: {queue} queue: {source}; device stopped until the driver resets it")]
+struct QueueBroken {
+    queue: &'static str,
+    source: virtio_queue::Error,
 }
 
 fn hdr_of<B: BitmapSlice>(p: &VsockPacket<'_, B>) -> Hdr {
@@ -190,7 +229,55 @@ impl VsockBackend {
             _evq: evq,
             interrupt,
             muxer,
-            buf: Vec::new(),
+            tx_buf: Vec::new(),
+            rx_buf: vec![0u8; MAX_PKT_DATA as usize].into_boxed_slice(),
+            needs_reset: Arc::new(AtomicBool::new(false)),
+            rounds: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Whether the device stopped because the driver broke a queue (DEVICE_NEEDS_RESET).
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// The counter of worker loop rounds (tests watch it for busy loops).
+    pub fn rounds(&self) -> Arc<AtomicU64> {
+        self.rounds.clone()
+    }
+
+    /// Bytes of packet buffers the device holds (tests check they do not grow with the
+    /// guest's descriptor lengths).
+    pub fn buffer_bytes(&self) -> usize {
+        self.tx_buf.capacity() + self.rx_buf.len()
+    }
+
+    /// Stops the device for good (until a reset): sets DEVICE_NEEDS_RESET, tells the
+    /// driver with a configuration change interrupt, drops every connection.
+    fn fail(&mut self, e: QueueBroken) {
+        if self.needs_reset.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        warn_limited!("{e}");
+        self.muxer.drop_all();
+        self.interrupt.trigger(VIRTIO_MMIO_INT_CONFIG);
+    }
+
+    /// The next available chain of queue `which`; `Err` when the available ring is
+    /// unusable (index too far ahead, unreadable).
+    fn pop<'m>(
+        mem: &'m GuestMem,
+        q: &mut Queue,
+        which: usize,
+    ) -> Result<Option<DescriptorChain<&'m GuestMem>>, QueueBroken> {
+        // `iter` rather than `pop_descriptor_chain`, which logs an error on every call
+        // with a broken ring and hides the error.
+        match q.iter(mem) {
+            Ok(mut it) => Ok(it.next()),
+            Err(source) => Err(QueueBroken {
+                queue: if which == RXQ { "RX" } else { "TX" },
+                source,
+            }),
         }
     }
 
@@ -205,7 +292,7 @@ impl VsockBackend {
             Ok(true) => self.interrupt.trigger(VIRTIO_MMIO_INT_VRING),
             Ok(false) => {}
             Err(e) => {
-                warn!("vsock: queue {which}: {e}; interrupting anyway");
+                warn_limited!("vsock: queue {which}: {e}; interrupting anyway");
                 self.interrupt.trigger(VIRTIO_MMIO_INT_VRING);
             }
         }
@@ -213,58 +300,98 @@ impl VsockBackend {
 
     /// Takes every packet the guest queued for sending.
     pub fn process_tx(&mut self) {
+        if self.needs_reset() {
+            return;
+        }
         let mut used = false;
-        while let Some(mut chain) = self.txq.pop_descriptor_chain(&self.mem) {
+        let mut broken = None;
+        loop {
+            let mut chain = match Self::pop(&self.mem, &mut self.txq, TXQ) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            };
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
                 Ok(pkt) => {
                     let hdr = hdr_of(&pkt);
-                    self.buf.clear();
+                    self.tx_buf.clear();
                     if let Some(d) = pkt.data_slice() {
-                        self.buf.resize(d.len(), 0);
-                        d.copy_to(&mut self.buf[..]);
+                        // At most MAX_PKT_DATA: longer packets are refused by the parser.
+                        self.tx_buf.resize(d.len(), 0);
+                        d.copy_to(&mut self.tx_buf[..]);
                     }
-                    if self.buf.len() != hdr.len as usize {
-                        warn!(
+                    if self.tx_buf.len() != hdr.len as usize {
+                        warn_limited!(
                             "vsock: TX packet data is {} bytes, header says {}; dropped",
-                            self.buf.len(),
+                            self.tx_buf.len(),
                             hdr.len
                         );
                     } else {
-                        self.muxer.recv(&hdr, &self.buf);
+                        self.muxer.recv(&hdr, &self.tx_buf);
                     }
                 }
-                Err(e) => warn!("vsock: malformed TX packet dropped: {e}"),
+                Err(e) => warn_limited!("vsock: malformed TX packet dropped: {e}"),
             }
             if let Err(e) = self.txq.add_used(&self.mem, head, 0) {
-                warn!("vsock: TX used ring: {e}");
+                warn_limited!("vsock: TX used ring: {e}");
             }
             used = true;
         }
         if used {
             self.notify(TXQ);
         }
+        if let Some(e) = broken {
+            self.fail(e);
+        }
     }
 
     /// Fills RX buffers with packets for the guest while there are both.
     pub fn process_rx(&mut self) {
+        if self.needs_reset() {
+            return;
+        }
         let mut used = false;
-        while let Some(mut chain) = self.rxq.pop_descriptor_chain(&self.mem) {
+        let mut broken = None;
+        loop {
+            let mut chain = match Self::pop(&self.mem, &mut self.rxq, RXQ) {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            };
             let head = chain.head_index();
             let mut pkt = match VsockPacket::from_rx_virtq_chain(&self.mem, &mut chain, MAX_PKT_DATA) {
                 Ok(p) => p,
                 Err(e) => {
-                    warn!("vsock: malformed RX buffer returned unused: {e}");
+                    warn_limited!("vsock: malformed RX buffer returned unused: {e}");
                     if let Err(e) = self.rxq.add_used(&self.mem, head, 0) {
-                        warn!("vsock: RX used ring: {e}");
+                        warn_limited!("vsock: RX used ring: {e}");
                     }
                     used = true;
                     continue;
                 }
             };
-            let cap = pkt.data_slice().map_or(0, |d| d.len());
-            self.buf.resize(cap, 0);
-            let Some((h, n)) = self.muxer.next_rx(&mut self.buf[..cap]) else {
+            // However long the guest says the buffer is, a packet carries at most
+            // MAX_PKT_DATA bytes (a header and its data may share one descriptor, whose
+            // length the parser does not cap).
+            let cap = pkt.data_slice().map_or(0, |d| d.len()).min(MAX_PKT_DATA as usize);
+            let Some((h, n)) = self.muxer.next_rx(&mut self.rx_buf[..cap]) else {
+                if cap == 0 {
+                    // No room for data and no control packet for it: keeping it would
+                    // leave the worker woken by pending host data it can never deliver.
+                    warn_limited!("vsock: RX buffer {head} has no room for data; returned unused");
+                    if let Err(e) = self.rxq.add_used(&self.mem, head, 0) {
+                        warn_limited!("vsock: RX used ring: {e}");
+                    }
+                    used = true;
+                    continue;
+                }
                 // Nothing to send: leave the buffer for later.
                 self.rxq.go_to_previous_position();
                 break;
@@ -280,24 +407,31 @@ impl VsockBackend {
                 .set_buf_alloc(h.buf_alloc)
                 .set_fwd_cnt(h.fwd_cnt);
             if let (Some(d), true) = (pkt.data_slice(), n > 0) {
-                d.copy_from(&self.buf[..n]);
+                // `n <= cap <= d.len()`: copies exactly the packet's data.
+                d.copy_from(&self.rx_buf[..n]);
             }
             if let Err(e) = self.rxq.add_used(&self.mem, head, (PKT_HEADER_SIZE + n) as u32) {
-                warn!("vsock: RX used ring: {e}");
+                warn_limited!("vsock: RX used ring: {e}");
             }
             used = true;
         }
         if used {
             self.notify(RXQ);
         }
+        if let Some(e) = broken {
+            self.fail(e);
+        }
     }
 
-    /// Whether the guest has put RX buffers the device has not used yet.
+    /// Whether the guest has put RX buffers the device has not used yet (never, once the
+    /// device is stopped).
     fn rx_room(&self) -> bool {
-        self.rxq
-            .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
-            .map(|i| i.0 != self.rxq.next_avail())
-            .unwrap_or(false)
+        !self.needs_reset()
+            && self
+                .rxq
+                .avail_idx(&self.mem, std::sync::atomic::Ordering::Acquire)
+                .map(|i| i.0 != self.rxq.next_avail())
+                .unwrap_or(false)
     }
 
     /// One round of work: guest TX, host writes, guest RX.
@@ -326,6 +460,7 @@ impl VsockBackend {
             self.muxer.guest_cid()
         );
         while !stop.load(Ordering::Acquire) {
+            self.rounds.fetch_add(1, Ordering::Relaxed);
             let _ = kick.read();
             self.step();
             self.watch(&epoll, &mut watched);
@@ -389,7 +524,9 @@ mod tests {
     use std::os::unix::net::UnixStream;
     use std::sync::{Mutex, RwLock};
 
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use std::time::{Duration, Instant};
+
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     use super::*;
     use crate::devices::virtio::muxer::*;
@@ -537,7 +674,11 @@ mod tests {
 
     impl Harness {
         fn new(listening: bool) -> Self {
-            let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+            Self::with_memory(listening, MEM_SIZE)
+        }
+
+        fn with_memory(listening: bool, mem_size: usize) -> Self {
+            let mem: GuestMem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap();
             let (rx, tx, ev) = (
                 DriverQueue::new(0x1_0000),
                 DriverQueue::new(0x2_0000),
@@ -570,7 +711,7 @@ mod tests {
         fn alloc(&mut self, len: u32) -> u64 {
             let a = self.next_buf;
             self.next_buf += (len as u64 + 0xfff) & !0xfff;
-            assert!(self.next_buf < MEM_SIZE as u64);
+            assert!(self.next_buf <= self.mem.last_addr().0 + 1);
             a
         }
 
@@ -932,6 +1073,265 @@ mod tests {
         let mut host = t.host_end();
         host.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
         assert_eq!(host.read(&mut d).unwrap(), 0);
+    }
+
+    /// A backend on its own worker thread, as [`Vsock::activate`] runs it.
+    struct RunningWorker {
+        kick: Arc<EventFd>,
+        stop: Arc<AtomicBool>,
+        rounds: Arc<AtomicU64>,
+        needs_reset: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl RunningWorker {
+        /// QueueNotify.
+        fn notify(&self) {
+            self.kick.write(1).unwrap();
+        }
+
+        /// Rounds the worker loop ran during `d`.
+        fn rounds_during(&self, d: Duration) -> u64 {
+            let before = self.rounds.load(Ordering::Relaxed);
+            std::thread::sleep(d);
+            self.rounds.load(Ordering::Relaxed) - before
+        }
+    }
+
+    impl Drop for RunningWorker {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Release);
+            let _ = self.kick.write(1);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    impl Harness {
+        /// Moves the device (with its connections) onto a worker thread; `self.dev` becomes
+        /// an idle stand-in that the test must not step.
+        fn spawn_worker(&mut self) -> RunningWorker {
+            let idle = VsockBackend::new(
+                self.mem.clone(),
+                [
+                    self.rx.device_queue(),
+                    self.tx.device_queue(),
+                    DriverQueue::new(0x3_0000).device_queue(),
+                ],
+                self.irq.clone(),
+                Muxer::new(GUEST_CID, Default::default()),
+            );
+            let dev = std::mem::replace(&mut self.dev, idle);
+            let kick = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+            let stop = Arc::new(AtomicBool::new(false));
+            let (rounds, needs_reset) = (dev.rounds(), dev.needs_reset.clone());
+            let (k, st) = (kick.clone(), stop.clone());
+            let thread = std::thread::spawn(move || dev.run(&k, &st));
+            RunningWorker {
+                kick,
+                stop,
+                rounds,
+                needs_reset,
+                thread: Some(thread),
+            }
+        }
+
+        /// Waits (up to 10 s) for the device to use RX buffers.
+        fn wait_rx_used(&mut self) -> Vec<(u16, u32)> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let used = self.rx.take_used(&self.mem);
+                if !used.is_empty() {
+                    return used;
+                }
+                assert!(Instant::now() < deadline, "the worker used no RX buffer");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        /// Connects with exactly one RX buffer given (used by the RESPONSE), so that the RX
+        /// queue is empty afterwards.
+        fn connect_leaving_no_rx_buffer(&mut self) {
+            self.give_rx(1);
+            let h = self.hdr(OP_REQUEST, PORT, 0);
+            self.send(h, &[]);
+            assert_eq!(self.recv()[0].0.op, OP_RESPONSE);
+        }
+    }
+
+    /// Security issue item 5: an RX chain whose data descriptor has length 0 cannot carry
+    /// the host data waiting for the guest. The worker kept it, stayed woken by the
+    /// readable host stream, and spun. It must use it (length 0) and sleep.
+    #[test]
+    fn rx_buffer_without_data_room_is_used_not_spun_on() {
+        let mut t = Harness::new(true);
+        t.connect_leaving_no_rx_buffer();
+        let mut host = t.host_end();
+        host.write_all(b"ping").unwrap();
+        let w = t.spawn_worker();
+        let ha = t.alloc(PKT_HEADER_SIZE as u32);
+        let da = t.alloc(4096);
+        let bad =
+            t.rx.add_chain(&t.mem, &[(ha, PKT_HEADER_SIZE as u32, F_WRITE), (da, 0, F_WRITE)]);
+        w.notify();
+        let rounds = w.rounds_during(Duration::from_millis(300));
+        assert!(rounds < 20, "worker busy-looped: {rounds} rounds in 300 ms");
+        assert_eq!(t.wait_rx_used(), vec![(bad, 0)]);
+        // A proper buffer still gets the data.
+        t.give_rx(1);
+        w.notify();
+        let used = t.wait_rx_used();
+        assert_eq!(used[0].1 as usize, PKT_HEADER_SIZE + 4);
+        let mut d = [0u8; 4];
+        t.mem
+            .read_slice(&mut d, GuestAddress(t.rx.chains[&used[0].0][1].0))
+            .unwrap();
+        assert_eq!(&d, b"ping");
+        assert!(!w.needs_reset.load(Ordering::Acquire));
+    }
+
+    /// Security issue item 5: an RX available index more than the queue size ahead made
+    /// every pop fail (logging an error each time) while the worker, seeing "buffers
+    /// available", stayed woken by the readable host stream. The device must stop with
+    /// DEVICE_NEEDS_RESET, say so with a configuration interrupt, drop its connections
+    /// and sleep.
+    #[test]
+    fn rx_avail_index_too_far_ahead_stops_the_device() {
+        let mut t = Harness::new(true);
+        t.connect_leaving_no_rx_buffer();
+        let mut host = t.host_end();
+        host.write_all(b"ping").unwrap();
+        let w = t.spawn_worker();
+        let idx = t.rx.avail_idx.wrapping_add(QSIZE + 5);
+        t.mem.write_obj(idx, GuestAddress(t.rx.avail + 2)).unwrap();
+        w.notify();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !w.needs_reset.load(Ordering::Acquire) {
+            assert!(Instant::now() < deadline, "device did not ask for a reset");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(t.irq.status() & VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_CONFIG);
+        let rounds = w.rounds_during(Duration::from_millis(300));
+        assert!(rounds < 20, "worker busy-looped: {rounds} rounds in 300 ms");
+        // The connection is gone: the host end reads EOF (or a reset: "ping" was unread).
+        host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut b = [0u8; 4];
+        match host.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("host end still connected: {other:?}"),
+        }
+        // Further notifications do nothing; in particular the queue is not touched.
+        t.give_rx(1);
+        w.notify();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(t.rx.take_used(&t.mem).is_empty());
+    }
+
+    /// The transport shows the device's DEVICE_NEEDS_RESET in Status; a reset clears it.
+    #[test]
+    fn needs_reset_reaches_the_status_register() {
+        use crate::devices::virtio::mmio::*;
+        use crate::devices::BusDevice;
+
+        let t = Harness::new(true);
+        let slot: ListenerSlot = Arc::new(RwLock::new(Some(t.pairs.clone() as Arc<dyn PortListener>)));
+        let mut tr = MmioTransport::new(Box::new(Vsock::new(GUEST_CID, slot)), t.mem.clone(), t.irq.clone());
+        let wr = |tr: &mut MmioTransport, off: u64, v: u32| tr.write(off, &v.to_le_bytes());
+        let status = |tr: &mut MmioTransport| {
+            let mut b = [0u8; 4];
+            tr.read(REG_STATUS, &mut b);
+            u32::from_le_bytes(b)
+        };
+        wr(&mut tr, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        wr(&mut tr, REG_DRIVER_FEATURES_SEL, 1);
+        wr(&mut tr, REG_DRIVER_FEATURES, 1);
+        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        wr(&mut tr, REG_STATUS, ok);
+        for (i, q) in [&t.rx, &t.tx, &DriverQueue::new(0x3_0000)].iter().enumerate() {
+            wr(&mut tr, REG_QUEUE_SEL, i as u32);
+            wr(&mut tr, REG_QUEUE_NUM, QSIZE as u32);
+            wr(&mut tr, REG_QUEUE_DESC_LOW, q.desc as u32);
+            wr(&mut tr, REG_QUEUE_DRIVER_LOW, q.avail as u32);
+            wr(&mut tr, REG_QUEUE_DEVICE_LOW, q.used as u32);
+            wr(&mut tr, REG_QUEUE_READY, 1);
+        }
+        wr(&mut tr, REG_STATUS, ok | STATUS_DRIVER_OK);
+        // A garbage TX available index.
+        t.mem.write_obj(0x7fffu16, GuestAddress(t.tx.avail + 2)).unwrap();
+        wr(&mut tr, REG_QUEUE_NOTIFY, TXQ as u32);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while status(&mut tr) & STATUS_DEVICE_NEEDS_RESET == 0 {
+            assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET never set");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(status(&mut tr), ok | STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET);
+        wr(&mut tr, REG_STATUS, 0);
+        assert_eq!(status(&mut tr), 0);
+    }
+
+    /// Security issue item 6: a header and its data may share one RX descriptor, and the
+    /// parser does not cap that descriptor's length. A 200 MiB one made a 200 MiB device
+    /// buffer, zeroed again on every TX packet (21.6 ms per 1-byte packet), and let one
+    /// packet carry everything the host stream held. Packets stay within MAX_PKT_DATA and
+    /// the device's buffers stay small whatever the guest gives.
+    #[test]
+    fn huge_rx_descriptor_is_capped_at_the_max_packet_size() {
+        const BIG: u32 = 200 << 20;
+        let mut t = Harness::with_memory(true, (BIG as usize) + (16 << 20));
+        t.give_rx(1);
+        // A guest with a large receive buffer: credit does not limit the packet size.
+        let mut h = t.hdr(OP_REQUEST, PORT, 0);
+        h.buf_alloc = 4 << 20;
+        t.send(h, &[]);
+        assert_eq!(t.recv()[0].0.op, OP_RESPONSE);
+        let ha = t.alloc(BIG);
+        let head = t.rx.add_chain(&t.mem, &[(ha, BIG, F_WRITE)]);
+        // Nothing to send yet: every TX packet runs a round with the big buffer pending.
+        let t0 = Instant::now();
+        const PKTS: u32 = 20;
+        for _ in 0..PKTS {
+            let mut h = t.hdr(OP_CREDIT_UPDATE, PORT, 0);
+            h.buf_alloc = 4 << 20;
+            t.send(h, &[]);
+        }
+        let per_pkt = t0.elapsed() / PKTS;
+        eprintln!("one TX packet with a 200 MiB RX buffer posted: {per_pkt:?}");
+        assert!(
+            t.dev.buffer_bytes() <= 2 * MAX_PKT_DATA as usize,
+            "{}",
+            t.dev.buffer_bytes()
+        );
+        assert!(per_pkt < Duration::from_millis(5), "{per_pkt:?} per TX packet");
+        // More host data than one packet may carry.
+        let mut host = t.host_end();
+        host.set_nonblocking(true).unwrap();
+        let data = vec![7u8; 3 * MAX_PKT_DATA as usize];
+        let mut written = 0;
+        while written < data.len() {
+            match host.write(&data[written..]) {
+                Ok(n) => written += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(
+            written > MAX_PKT_DATA as usize,
+            "only {written} bytes fit in the socket"
+        );
+        t.dev.step();
+        let used = t.rx.take_used(&t.mem);
+        assert_eq!(used.len(), 1);
+        assert_eq!(used[0], (head, PKT_HEADER_SIZE as u32 + MAX_PKT_DATA));
+        let mut hb = vec![0u8; PKT_HEADER_SIZE];
+        t.mem.read_slice(&mut hb, GuestAddress(ha)).unwrap();
+        assert_eq!(decode(&hb).len, MAX_PKT_DATA);
+        assert!(
+            t.dev.buffer_bytes() <= 2 * MAX_PKT_DATA as usize,
+            "{}",
+            t.dev.buffer_bytes()
+        );
     }
 
     #[test]
