@@ -155,6 +155,8 @@ mod tests {
             addr,
             size,
             is_func: false,
+            global: true,
+            file: None,
         }
     }
 
