@@ -52,7 +52,7 @@ fn callbacks_fix_a_deadlock_and_failing_callbacks_roll_back() {
 
     // Bad data objects: refused before the guest is touched (no patch is created).
     for (ko, want) in [
-        (&missing, "data object 'lucos_no_such_global' not found"),
+        (&missing, "data object 'lucos_no_such_global': no symbol"),
         (&text, "lies in kernel text"),
     ] {
         let r = call(&sock, Op::Apply, None, ko);
