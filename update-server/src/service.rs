@@ -952,6 +952,53 @@ mod tests {
         assert!(r.ok, "{r:?}");
     }
 
+    /// The memory (kB) and threads of this process, from /proc/self/status.
+    fn rss_threads() -> (u64, u64) {
+        let st = std::fs::read_to_string("/proc/self/status").unwrap();
+        let field = |name: &str| {
+            st.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap()
+        };
+        (field("VmRSS:"), field("Threads:"))
+    }
+
+    /// The issue's flood, measured: 48 clients each start a 16 MiB apply and stall before
+    /// its last byte. Run alone (other tests would share the process's memory):
+    /// `cargo test -p lucos-update-server --lib flood -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn flood_of_stalled_uploads_is_bounded() {
+        let s = server(GuestRights::Apply, Limits::default());
+        let (rss0, threads0) = rss_threads();
+        let chunk = vec![0u8; MAX_PAYLOAD as usize - 1];
+        let clients: Vec<_> = (0..48)
+            .map(|_| {
+                let mut c = connect(&s, Caller::Host);
+                let chunk = chunk.clone();
+                std::thread::spawn(move || {
+                    let _ = protocol::write_frame(&mut c, &req(Op::Apply, None, MAX_PAYLOAD), &chunk);
+                    c
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs(3));
+        let (rss1, threads1) = rss_threads();
+        // What the clients themselves hold (48 copies of the chunk, their threads) is
+        // not the server's: count the server's threads and buffered bytes.
+        let buffered = s.buffered.load(Ordering::Acquire);
+        let serving = s.active[Caller::Host as usize].load(Ordering::Acquire);
+        eprintln!(
+            "48 stalled 16 MiB uploads: server threads {serving}, payload bytes buffered {buffered} \
+             ({} MiB); process RSS +{} MiB (clients' own buffers included), threads {threads0} -> {threads1}",
+            buffered >> 20,
+            (rss1.saturating_sub(rss0)) >> 10
+        );
+        assert!(serving <= 8 && buffered <= 2 * MAX_PAYLOAD);
+        drop(clients);
+    }
+
     fn info(id: u32, state: PatchState) -> PatchInfo {
         PatchInfo {
             id,

@@ -238,6 +238,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.cmd {
         Cmd::Apply { file, wait } => {
             let data = read(file)?;
+            if data.len() as u64 > protocol::MAX_PAYLOAD {
+                return Err(Failure::Request(format!(
+                    "{}: {} bytes, more than the {} bytes the update server accepts",
+                    file.display(),
+                    data.len(),
+                    protocol::MAX_PAYLOAD
+                )));
+            }
             let mut c = Client::connect(&target(&cli)?)?;
             let r = c.call(Op::Apply, None, &data)?;
             print_reply(&r, json, false);
