@@ -49,6 +49,14 @@ pub enum ClientError {
         /// The server's message.
         message: String,
     },
+    /// The payload is larger than the server accepts; nothing was sent.
+    #[error("{what} is {len} bytes, more than the {max} bytes the update server accepts", max = protocol::MAX_PAYLOAD)]
+    PayloadTooLarge {
+        /// What the payload is.
+        what: &'static str,
+        /// Its size.
+        len: u64,
+    },
     /// A `status` reply without the patch.
     #[error("the server's status reply names no patch")]
     EmptyStatus,
@@ -88,14 +96,31 @@ impl Client {
         Ok(Client { conn })
     }
 
-    /// Sends one request and returns the reply, whether it reports success or not.
+    /// A client on an already connected stream.
+    pub fn from_stream<S: Read + Write + Send + 'static>(s: S) -> Self {
+        Client { conn: Box::new(s) }
+    }
+
+    /// Sends one request and returns the reply, whether it reports success or not. A
+    /// payload over [`protocol::MAX_PAYLOAD`] is refused without sending anything; when the
+    /// server stops reading (it refused the request), its reply is still read.
     pub fn request(&mut self, op: Op, id: Option<u32>, payload: &[u8]) -> Result<Response, ClientError> {
+        let len = payload.len() as u64;
+        if len > protocol::MAX_PAYLOAD {
+            return Err(ClientError::PayloadTooLarge {
+                what: "the patch module",
+                len,
+            });
+        }
         let req = Request {
             op,
             id,
-            payload_len: payload.len() as u64,
+            payload_len: len,
         };
-        protocol::write_frame(&mut self.conn, &req, payload)?;
+        if let Err(sent) = protocol::write_frame(&mut self.conn, &req, payload) {
+            // The server may have answered and closed: its reply explains why.
+            return protocol::read_header(&mut self.conn).map_err(|_| ClientError::Protocol(sent));
+        }
         Ok(protocol::read_header(&mut self.conn)?)
     }
 

@@ -6,6 +6,8 @@
 //!   the vsock host end (CID 2, fixed port) and on the VMM's Unix API socket.
 //! - `client`: a client of the protocol (Unix socket or AF_VSOCK), used by `lucosctl` and
 //!   the tests.
+//! - `apisock`: the host's Unix API socket: safe creation and removal, peer credentials,
+//!   accept back-off.
 //! - `signing`: ed25519 verification of submitted modules against `--trusted-key` keys.
 //! - `module`: parsing a patch module (ELF relocatable `.ko`) and its `.lucos.*` records
 //!   (replaced functions, data rules, callbacks) with the `object` crate.
@@ -27,6 +29,7 @@
 
 pub mod alloc;
 pub mod alternatives;
+pub mod apisock;
 pub mod client;
 pub mod guest;
 pub mod ktables;

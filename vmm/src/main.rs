@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use lucos_update_server::service::GuestRights;
 use lucos_vmm::config::{parse_mem_size, DEFAULT_VSOCK_CID};
 use lucos_vmm::host::{CpuPolicy, CpuReport};
 use lucos_vmm::introspect::Vmlinux;
@@ -72,6 +73,11 @@ struct RunArgs {
     /// Serve the update API (lucosctl) on this Unix socket (and on vsock port 1024).
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// What guest programs may ask the update server over vsock (port 1024): `off` (no
+    /// service), `read-only` (list, status) or `apply` (also submit signed modules).
+    /// Rollback and cancel are only ever accepted on the host's --api-sock.
+    #[arg(long, value_name = "RIGHTS", value_enum, default_value_t = GuestRights::ReadOnly)]
+    vsock_api: GuestRights,
     /// ed25519 public key (hex file, from `lucosctl keygen`) whose signatures are accepted
     /// on patch modules; repeatable. Without one, every patch is refused.
     #[arg(long, value_name = "FILE")]
@@ -126,12 +132,16 @@ fn run(args: RunArgs) -> Result<i32, String> {
     }
     let vmlinux = Vmlinux::read(&config.kernel).map_err(|e| e.to_string())?;
     let vm = Vm::build(&config, &vmlinux, Box::new(std::io::stdout())).map_err(|e| e.to_string())?;
+    // Kept until exit: dropping it removes the API socket (if it is still ours).
+    let mut _server = None;
     if let Some(sock) = &args.api_sock {
         if trusted.is_empty() {
             log::warn!("no --trusted-key given: every patch submission will be refused");
         }
-        lucos_vmm::update::start_server(vm.handle(), &vmlinux, trusted, sock)
-            .map_err(|e| format!("cannot start the update server: {e}"))?;
+        _server = Some(
+            lucos_vmm::update::start_server(vm.handle(), &vmlinux, trusted, args.vsock_api, sock)
+                .map_err(|e| format!("cannot start the update server: {e}"))?,
+        );
     }
     let reason = vm
         .run(RunOptions {
@@ -141,9 +151,7 @@ fn run(args: RunArgs) -> Result<i32, String> {
             profile_depth: args.profile_depth,
         })
         .map_err(|e| e.to_string())?;
-    if let Some(sock) = &args.api_sock {
-        let _ = std::fs::remove_file(sock);
-    }
+    drop(_server);
     let code = reason.exit_code();
     eprintln!(
         "\r\nlucos-vmm: {} after {:.2}s (exit code {code})",

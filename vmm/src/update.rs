@@ -9,11 +9,12 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lucos_update_server::apisock::{ApiSocket, ApiSocketError};
 use lucos_update_server::guest::{
     CodeInfo, Guest, GuestError, PatchRegion, StackSpan, SymbolError, TableSizes, TaskState, VcpuState, WriteRule,
 };
 use lucos_update_server::protocol::VSOCK_PORT;
-use lucos_update_server::service::UpdateServer;
+use lucos_update_server::service::{Caller, GuestRights, Limits, Policy, UpdateServer};
 
 use crate::arch::x86_64::gdt::KERNEL_CS;
 use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
@@ -391,15 +392,17 @@ impl Guest for VmGuest {
     }
 }
 
-/// Serves guest vsock connections to [`VSOCK_PORT`] with the update server: each
-/// connection gets a socket pair, one end served by [`UpdateServer::serve_stream`] on its
-/// own thread, the other shuttled to the guest by the vsock device. Other ports are
-/// refused (the guest sees a reset).
+/// Serves guest vsock connections to [`VSOCK_PORT`] with the update server, as
+/// [`Caller::Guest`] (what the guest may ask is the server's [`GuestRights`]): each
+/// connection gets a socket pair, one end served by [`UpdateServer::spawn_connection`] on
+/// its own thread (or answered "busy" when the channel's connections are all taken), the
+/// other shuttled to the guest by the vsock device. Other ports, and every port when the
+/// guest's rights are `off`, are refused (the guest sees a reset).
 pub struct UpdatePort(pub Arc<UpdateServer>);
 
 impl PortListener for UpdatePort {
     fn connect(&self, port: u32) -> Option<UnixStream> {
-        if port != VSOCK_PORT {
+        if port != VSOCK_PORT || self.0.guest_rights() == GuestRights::Off {
             return None;
         }
         let (ours, theirs) = match UnixStream::pair() {
@@ -409,12 +412,7 @@ impl PortListener for UpdatePort {
                 return None;
             }
         };
-        let server = self.0.clone();
-        std::thread::Builder::new()
-            .name("vsock-conn".into())
-            .spawn(move || server.serve_stream(ours))
-            .map_err(|e| log::warn!("vsock: cannot start a connection thread: {e}"))
-            .ok()?;
+        self.0.spawn_connection(ours, Caller::Guest);
         Some(theirs)
     }
 }
@@ -426,32 +424,51 @@ pub enum StartError {
     #[error(transparent)]
     Guest(#[from] GuestError),
     /// The API socket could not be served.
-    #[error("api socket {path}: {source}")]
-    ApiSocket {
-        /// The socket's path.
-        path: std::path::PathBuf,
-        /// What failed.
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    ApiSocket(#[from] ApiSocketError),
+    /// The kernel build id, which signatures must name, could not be read from the vmlinux.
+    #[error("kernel build id: {0}")]
+    KernelId(#[from] lucos_update_server::signing::SignError),
 }
 
-/// Starts the update server on `api_sock` (and on vsock, when the VM has the device) for
-/// the VM behind `handle`.
+/// A running update server and its API socket file (removed when this is dropped, if the
+/// path still names it).
+pub struct Started {
+    /// The server.
+    pub server: Arc<UpdateServer>,
+    /// The API socket file.
+    pub api_socket: ApiSocket,
+}
+
+/// Starts the update server on `api_sock` (and on vsock, when the VM has the device and
+/// `guest` is not [`GuestRights::Off`]) for the VM behind `handle`, accepting modules
+/// signed by one of `trusted` for this `vmlinux`'s build.
 pub fn start_server(
     handle: VmHandle,
     vmlinux: &Vmlinux,
     trusted: Vec<ed25519_dalek::VerifyingKey>,
+    guest_rights: GuestRights,
     api_sock: &Path,
-) -> Result<Arc<lucos_update_server::service::UpdateServer>, StartError> {
+) -> Result<Started, StartError> {
+    let kernel_id = lucos_update_server::signing::kernel_id(vmlinux.bytes())?;
+    log::info!(
+        "kernel build id {}; guest vsock rights: {guest_rights:?}",
+        lucos_update_server::signing::hex(&kernel_id)
+    );
     let guest = Arc::new(VmGuest::new(handle.clone(), vmlinux)?);
-    let server = lucos_update_server::service::UpdateServer::new(guest, trusted);
-    server.serve_unix(api_sock).map_err(|source| StartError::ApiSocket {
-        path: api_sock.into(),
-        source,
-    })?;
+    let server = UpdateServer::new(
+        guest,
+        Policy {
+            trusted,
+            kernel_id,
+            guest: guest_rights,
+            limits: Limits::default(),
+        },
+    );
+    let api_socket = server.serve_unix(api_sock)?;
     server.start_rechecks(lucos_update_server::service::RECHECK_PERIOD);
-    if handle.set_vsock_listener(Arc::new(UpdatePort(server.clone()))) {
+    if guest_rights != GuestRights::Off && handle.set_vsock_listener(Arc::new(UpdatePort(server.clone()))) {
         log::info!("update server on vsock port {VSOCK_PORT}");
     }
-    Ok(server)
+    Ok(Started { server, api_socket })
 }

@@ -38,7 +38,16 @@ fn cmdline_patch_apply_observe_rollback() {
         dir.join("o.key")
     })
     .unwrap();
-    let r = call(&sock, Op::Apply, None, &signing::sign(&module, &other));
+    let binding = signing::Binding {
+        kernel_id: keys.kernel_id.clone(),
+        version: 1,
+    };
+    let r = call(
+        &sock,
+        Op::Apply,
+        None,
+        &signing::sign(&module, &binding, &other).unwrap(),
+    );
     assert!(!r.ok && r.error.contains("does not trust"), "{r:?}");
     let r = call(&sock, Op::Apply, None, &signed[100..]);
     assert!(!r.ok && r.error.contains("truncated"), "{r:?}");

@@ -13,6 +13,8 @@ pub struct Api {
     pub sock: PathBuf,
     pub public_key: PathBuf,
     secret_key: PathBuf,
+    /// The guest kernel's build id, which signatures bind.
+    kernel_id: Vec<u8>,
     /// How often the patch's state is polled.
     pub poll: Duration,
 }
@@ -30,8 +32,10 @@ pub struct Timed {
 }
 
 impl Api {
-    /// A fresh key pair in `dir`; the API socket will be `dir/api.sock`.
-    pub fn new(dir: &Path) -> Result<Api, String> {
+    /// A fresh key pair in `dir`, signing for the kernel `vmlinux`; the API socket will be
+    /// `dir/api.sock`.
+    pub fn new(dir: &Path, vmlinux: &Path) -> Result<Api, String> {
+        let kernel_id = signing::kernel_id_of(vmlinux).map_err(|e| e.to_string())?;
         let (sk, pk) = signing::generate_keypair().map_err(|e| format!("key generation: {e}"))?;
         let (secret_key, public_key) = (dir.join("bench.key"), dir.join("bench.pub"));
         std::fs::write(&secret_key, sk).map_err(|e| format!("{}: {e}", secret_key.display()))?;
@@ -40,15 +44,20 @@ impl Api {
             sock: dir.join("api.sock"),
             public_key,
             secret_key,
+            kernel_id,
             poll: Duration::from_millis(5),
         })
     }
 
-    /// The patch module at `ko`, signed with the key the VMM trusts.
-    pub fn signed(&self, ko: &Path) -> Result<Vec<u8>, String> {
+    /// The patch module at `ko`, signed with the key the VMM trusts as `version`.
+    pub fn signed(&self, ko: &Path, version: u64) -> Result<Vec<u8>, String> {
         let module = std::fs::read(ko).map_err(|e| format!("{}: {e} (run images/build.sh)", ko.display()))?;
         let key = signing::load_signing_key(&self.secret_key).map_err(|e| format!("signing key: {e}"))?;
-        Ok(signing::sign(&module, &key))
+        let binding = signing::Binding {
+            kernel_id: self.kernel_id.clone(),
+            version,
+        };
+        signing::sign(&module, &binding, &key).map_err(|e| format!("signing: {e}"))
     }
 
     /// `lucos-vmm run` arguments that serve the API and trust the key.

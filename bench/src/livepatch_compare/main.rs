@@ -930,10 +930,11 @@ fn real_main() -> Result<(), String> {
     let dir = std::env::temp_dir().join(format!("lucos-livepatch-compare-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let api = Api::new(&dir)?;
+    let api = Api::new(&dir, &kernel)?;
     let signed = PAIRS
         .iter()
-        .map(|p| api.signed(&root().join(p.lucos_ko)))
+        .zip(1..)
+        .map(|(p, version)| api.signed(&root().join(p.lucos_ko), version))
         .collect::<Result<Vec<_>, _>>()?;
     let lane = std::env::var("LUCOS_LANE_INSIDE").unwrap_or_else(|_| "none".into());
     let host_kvm = lucos_vmm::host::HostKvm::detect().to_string();

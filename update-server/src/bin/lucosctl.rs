@@ -71,16 +71,28 @@ enum Cmd {
         #[arg(long, value_name = "SECS")]
         wait: Option<u64>,
     },
-    /// Write a new ed25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub.
+    /// Write a new ed25519 key pair: PREFIX.key (private, created with mode 0600) and
+    /// PREFIX.pub. Existing files (or symlinks) are not overwritten without --force.
     Keygen {
         /// Path prefix of the two files.
         prefix: String,
+        /// Replace existing key files.
+        #[arg(long)]
+        force: bool,
     },
-    /// Append an ed25519 signature to a patch module.
+    /// Append an ed25519 signature to a patch module, binding it to a kernel build and a
+    /// version: the server refuses it on another kernel, and refuses a version not newer
+    /// than the highest it applied under the module's patch name.
     Sign {
         /// The private key (PREFIX.key from `keygen`).
         #[arg(long, value_name = "PREFIX.key")]
         key: PathBuf,
+        /// The guest kernel (vmlinux) the module is built for; its GNU build id is signed.
+        #[arg(long, value_name = "VMLINUX")]
+        kernel: PathBuf,
+        /// The module's version (per patch name, each release must have a higher one).
+        #[arg(long = "version", value_name = "N")]
+        patch_version: u64,
         /// The module (.ko).
         file: PathBuf,
         /// Where to write the signed module (default: in place).
@@ -226,6 +238,14 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match &cli.cmd {
         Cmd::Apply { file, wait } => {
             let data = read(file)?;
+            if data.len() as u64 > protocol::MAX_PAYLOAD {
+                return Err(Failure::Request(format!(
+                    "{}: {} bytes, more than the {} bytes the update server accepts",
+                    file.display(),
+                    data.len(),
+                    protocol::MAX_PAYLOAD
+                )));
+            }
             let mut c = Client::connect(&target(&cli)?)?;
             let r = c.call(Op::Apply, None, &data)?;
             print_reply(&r, json, false);
@@ -258,31 +278,41 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 wait_for(&mut c, *id, PatchState::RolledBack, *secs, json)?;
             }
         }
-        Cmd::Keygen { prefix } => {
+        Cmd::Keygen { prefix, force } => {
             let (sk, pk) = signing::generate_keypair().map_err(|e| Failure::Request(e.to_string()))?;
-            let key = format!("{prefix}.key");
-            std::fs::write(&key, format!("{sk}\n")).map_err(|e| Failure::Request(format!("{key}: {e}")))?;
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600));
-            }
-            std::fs::write(format!("{prefix}.pub"), format!("{pk}\n")).map_err(|e| Failure::Request(e.to_string()))?;
+            let key = PathBuf::from(format!("{prefix}.key"));
+            let public = PathBuf::from(format!("{prefix}.pub"));
+            signing::write_key_file(&key, &sk, 0o600, *force).map_err(|e| Failure::Request(e.to_string()))?;
+            signing::write_key_file(&public, &pk, 0o644, *force).map_err(|e| Failure::Request(e.to_string()))?;
             println!("wrote {prefix}.key and {prefix}.pub (fingerprint {})", &pk[..16]);
         }
-        Cmd::Sign { key, file, out } => {
+        Cmd::Sign {
+            key,
+            kernel,
+            patch_version,
+            file,
+            out,
+        } => {
             let sk = signing::load_signing_key(key).map_err(|e| Failure::Request(e.to_string()))?;
             let data = read(file)?;
-            if data.ends_with(signing::MAGIC) {
+            if signing::is_signed(&data) {
                 return Err(Failure::Request(format!("{} is already signed", file.display())));
             }
-            lucos_update_server::module::PatchModule::parse(&data)
+            let m = lucos_update_server::module::PatchModule::parse(&data)
                 .map_err(|e| Failure::Request(format!("{}: not a patch module: {e}", file.display())))?;
+            let binding = signing::Binding {
+                kernel_id: signing::kernel_id_of(kernel).map_err(|e| Failure::Request(e.to_string()))?,
+                version: *patch_version,
+            };
+            let signed = signing::sign(&data, &binding, &sk).map_err(|e| Failure::Request(e.to_string()))?;
             let out = out.clone().unwrap_or_else(|| file.clone());
-            std::fs::write(&out, signing::sign(&data, &sk))
-                .map_err(|e| Failure::Request(format!("{}: {e}", out.display())))?;
+            std::fs::write(&out, signed).map_err(|e| Failure::Request(format!("{}: {e}", out.display())))?;
             println!(
-                "signed {} with key {}",
+                "signed {} ('{}' version {}, kernel build {}) with key {}",
                 out.display(),
+                m.name,
+                binding.version,
+                signing::hex(&binding.kernel_id),
                 signing::fingerprint(&sk.verifying_key())
             );
         }

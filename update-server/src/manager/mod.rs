@@ -215,6 +215,28 @@ impl Manager {
         &self.patches
     }
 
+    /// Forgets the oldest rolled-back patches beyond the newest `keep` of them, so that the
+    /// record (and `list`) does not grow with every apply/rollback cycle.
+    pub fn prune(&mut self, keep: usize) {
+        let rolled = self
+            .patches
+            .iter()
+            .filter(|p| p.state == PatchState::RolledBack)
+            .count();
+        let mut drop = rolled.saturating_sub(keep);
+        if drop > 0 {
+            log::debug!("forgetting {drop} old rolled-back patch records");
+        }
+        self.patches.retain(|p| {
+            if drop > 0 && p.state == PatchState::RolledBack {
+                drop -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
     /// The patch with id `id`, or [`ApplyError::NoSuchPatch`].
     pub fn get(&self, id: u32) -> Result<&Patch, ApplyError> {
         self.patches

@@ -602,3 +602,24 @@ fn one_check_reads_a_bounded_amount_of_stack() {
         format!("{} more stacks", 5000 - (inspect::MAX_SCAN_BYTES / STACK_SIZE) as usize)
     );
 }
+
+#[test]
+fn old_rolled_back_records_are_pruned() {
+    let g = FakeGuest::default();
+    let mut m = Manager::new(&g);
+    for id in 1..=40 {
+        let mut p = patch_with(vec![]);
+        p.id = id;
+        p.state = if id == 5 {
+            PatchState::Committed
+        } else {
+            PatchState::RolledBack
+        };
+        m.patches.push(p);
+    }
+    m.prune(16);
+    let ids: Vec<u32> = m.patches().iter().map(|p| p.id).collect();
+    assert_eq!(ids.len(), 17, "{ids:?}");
+    assert!(ids.contains(&5), "a live patch is never pruned: {ids:?}");
+    assert_eq!(ids[1..], (25..=40).collect::<Vec<_>>()[..], "the newest are kept");
+}

@@ -1,16 +1,21 @@
 //! The update API from a test: signing keys, requests over the Unix socket, waiting for states.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lucos_update_server::client::{Client, Target};
 use lucos_update_server::protocol::{Op, PatchInfo, PatchState, Response};
 use lucos_update_server::signing;
 
-/// A fresh ed25519 key pair written to `dir` (k.key, k.pub).
+/// A fresh ed25519 key pair written to `dir` (k.key, k.pub), signing for the test kernel.
 pub struct Keys {
     pub public: PathBuf,
     key: ed25519_dalek::SigningKey,
+    /// The test vmlinux's build id, which signatures bind.
+    pub kernel_id: Vec<u8>,
+    /// The last version [`Keys::sign`] used.
+    version: AtomicU64,
 }
 
 impl Keys {
@@ -21,11 +26,29 @@ impl Keys {
         Keys {
             public: dir.join("k.pub"),
             key: signing::load_signing_key(&dir.join("k.key")).unwrap(),
+            kernel_id: signing::kernel_id_of(&super::images().0).expect("test vmlinux build id"),
+            version: AtomicU64::new(0),
         }
     }
 
+    /// `module` signed for the test kernel, with a version higher than every earlier one.
     pub fn sign(&self, module: &[u8]) -> Vec<u8> {
-        signing::sign(module, &self.key)
+        let v = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        self.sign_version(module, v)
+    }
+
+    /// `module` signed for the test kernel as version `version`.
+    pub fn sign_version(&self, module: &[u8], version: u64) -> Vec<u8> {
+        self.sign_for(module, &self.kernel_id, version)
+    }
+
+    /// `module` signed for the kernel `kernel_id` as version `version`.
+    pub fn sign_for(&self, module: &[u8], kernel_id: &[u8], version: u64) -> Vec<u8> {
+        let binding = signing::Binding {
+            kernel_id: kernel_id.to_vec(),
+            version,
+        };
+        signing::sign(module, &binding, &self.key).expect("sign")
     }
 
     /// `lucos-vmm run` arguments serving the API on `sock` and trusting this key.

@@ -201,6 +201,9 @@ fn newest_source(patches: &Path, module_dir: &Path, kernel: &Path) -> std::time:
 /// (images/build.sh builds them all): kbuild under the SVM lane's emulated CPU takes
 /// seconds even when there is nothing to do.
 pub fn build_patch(rel: &str) -> PathBuf {
+    // Tests of one binary run in parallel: one kbuild at a time in the folder.
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = BUILD.lock().unwrap_or_else(|e| e.into_inner());
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let kdir = super::images_dir().join("build");
     let ko = root.join("guest-patches").join(rel);
