@@ -177,7 +177,7 @@ impl UpdateServer {
             Ok(v) => v,
             Err(e) => return Response::error(ErrorKind::Refused, format!("refused: {e}")),
         };
-        let m = match PatchModule::parse(module) {
+        let m = match PatchModule::parse_limited(module, self.guest.patch_region().size) {
             Ok(m) => m,
             Err(e) => return Response::error(ErrorKind::Refused, format!("refused: invalid patch module: {e}")),
         };

@@ -38,31 +38,54 @@ impl Manager {
             olds.push((addr, size));
         }
         let data = Self::resolve_data(g, m)?;
-        let need = link::layout(m).size;
+        let need = link::layout(m)?.size;
         let base = self.alloc.alloc(need).ok_or(ApplyError::NoSpace {
             need,
             free: self.alloc.free_bytes(),
         })?;
-        match self.apply_at(g, m, &olds, data, base, t0) {
-            Ok(id) => Ok(id),
-            // The patch exists and is rolling back: its memory is freed when that finishes.
-            Err(e @ ApplyError::CallbackAborted { .. }) => Err(e),
-            Err(e) => {
-                self.alloc.free(base);
-                Err(e)
-            }
+        Reservation {
+            mgr: self,
+            base,
+            taken: false,
         }
+        .apply_at(g, m, &olds, data, t0)
     }
 
+    fn jump_of(&self, id: u32, site: u64) -> Option<Vec<u8>> {
+        let p = self.patches.iter().find(|p| p.id == id)?;
+        p.funcs.iter().find(|f| f.site == site).map(|f| f.jump.clone())
+    }
+}
+
+/// Patch-region memory reserved for an apply in progress. Until the patch takes it over
+/// (once its jumps are in), dropping the reservation frees the memory: on every error
+/// return and when a panic unwinds through the apply, so that nothing leaks.
+struct Reservation<'a> {
+    mgr: &'a mut Manager,
+    /// Start of the reserved chunk.
+    base: u64,
+    /// The patch owns the memory now: it is freed when its rollback finishes.
+    taken: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.mgr.alloc.free(self.base);
+        }
+    }
+}
+
+impl Reservation<'_> {
     fn apply_at(
         &mut self,
         g: &dyn Guest,
         m: &PatchModule,
         olds: &[(u64, u64)],
         mut data: Vec<DataPatch>,
-        base: u64,
         t0: Instant,
     ) -> Result<u32, ApplyError> {
+        let base = self.base;
         let resolve = |name: &str| g.symbol(name).map(|(a, _)| a);
         let mut linked = link::link(m, base, &resolve)?;
         let caps = g.cpu_caps()?;
@@ -79,7 +102,10 @@ impl Manager {
             let mut head = [0u8; 16];
             g.read(old_addr, &mut head)?;
             let site = old_addr + runpre::patch_offset(&head) as u64;
-            let new_addr = linked.addr_of(r.new_load_idx, r.new_offset);
+            // link() checked every replacement against its section.
+            let new_addr = linked
+                .addr_of(r.new_load_idx, r.new_offset)
+                .ok_or_else(|| outside(&r.new_name, r.new_load_idx, r.new_offset))?;
             let jump = runpre::jmp_rel32(site, new_addr).ok_or_else(|| {
                 ApplyError::RunPre(SiteError::OutOfReach {
                     func: r.old_name.clone(),
@@ -87,8 +113,8 @@ impl Manager {
                 })
             })?;
             // What the site must hold now: the previous lucos jump if stacked, else ftrace's nop.
-            let expected = match self.sites.get(&site).and_then(|v| v.last()) {
-                Some(&prev) => self.jump_of(prev, site).unwrap_or(FTRACE_NOP.to_vec()),
+            let expected = match self.mgr.sites.get(&site).and_then(|v| v.last()) {
+                Some(&prev) => self.mgr.jump_of(prev, site).unwrap_or(FTRACE_NOP.to_vec()),
                 None => FTRACE_NOP.to_vec(),
             };
             let off = (site - old_addr) as usize;
@@ -104,19 +130,23 @@ impl Manager {
                 jump: jump.to_vec(),
             });
         }
-        let callbacks: Vec<PatchCallback> = m
+        let callbacks = m
             .callbacks
             .iter()
-            .map(|c| PatchCallback {
-                kind: c.kind,
-                name: c.name.clone(),
-                addr: linked.addr_of(c.load_idx, c.offset),
-                limit_ms: c.limit.as_millis() as u64,
+            .map(|c| {
+                Ok(PatchCallback {
+                    kind: c.kind,
+                    name: c.name.clone(),
+                    addr: linked
+                        .addr_of(c.load_idx, c.offset)
+                        .ok_or_else(|| outside(&c.entry, c.load_idx, c.offset))?,
+                    limit_ms: c.limit.as_millis() as u64,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, ApplyError>>()?;
         // Copy code and data in; nothing executes it until the jumps exist.
         g.write(base, &linked.image)?;
-        let id = self.next_id;
+        let id = self.mgr.next_id;
         let image = (base, base + linked.layout.size);
         // With thread callbacks, the tasks still in old code are found in the same pause.
         let watch: Vec<(u64, u64, String)> = if callbacks.iter().any(|c| c.kind == CallbackKind::Thread) {
@@ -138,18 +168,20 @@ impl Manager {
                 watch: &watch,
             },
         )?;
-        self.next_id += 1;
+        // The jumps are in: the memory is the patch's from here on, whatever happens.
+        self.taken = true;
+        self.mgr.next_id += 1;
         for d in &mut data {
             d.protected = true;
         }
         for f in &funcs {
-            self.sites.entry(f.site).or_default().push(id);
+            self.mgr.sites.entry(f.site).or_default().push(id);
         }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        self.patches.push(Patch {
+        self.mgr.patches.push(Patch {
             id,
             name: m.name.clone(),
             description: m.description.clone(),
@@ -170,18 +202,31 @@ impl Manager {
             transition_started: Some(Instant::now()),
         });
         info!("patch {id} '{}' applied: vCPUs paused {pause:?}", m.name);
-        if let Err(what) = self.run_callbacks(g, id, CallbackKind::Apply, None) {
-            return Err(self.abort(g, id, what));
+        if let Err(what) = self.mgr.run_callbacks(g, id, CallbackKind::Apply, None) {
+            return Err(self.mgr.abort(g, id, what));
         }
-        // First commit check right away.
-        self.check(g, id)?;
-        Ok(id)
+        // First commit check right away. If it cannot be done, the patch stays in its
+        // transition (it is applied) and the periodic re-check tries again.
+        match self.mgr.check(g, id) {
+            Err(e @ ApplyError::CallbackAborted { .. }) => Err(e),
+            Err(e) => {
+                warn!("patch {id}: first stack check failed, retried later: {e}");
+                Ok(id)
+            }
+            Ok(_) => Ok(id),
+        }
     }
+}
 
-    fn jump_of(&self, id: u32, site: u64) -> Option<Vec<u8>> {
-        let p = self.patches.iter().find(|p| p.id == id)?;
-        p.funcs.iter().find(|f| f.site == site).map(|f| f.jump.clone())
-    }
+/// The error for a module place that is not inside the linked image (which [`link::link`]
+/// rules out).
+fn outside(name: &str, load_idx: usize, offset: u64) -> ApplyError {
+    ApplyError::Link(link::LinkError::OutsideSection {
+        name: name.into(),
+        section: format!("#{load_idx}"),
+        offset,
+        size: 0,
+    })
 }
 
 /// One stop-the-world swap of a patch's sites.

@@ -23,6 +23,12 @@ struct FakeGuest {
     task_list: Mutex<Vec<TaskState>>,
     /// Reads at or above this address fail (0: none do).
     unreadable_from: u64,
+    /// Kernel functions `symbol()` knows: (name, address, size).
+    funcs: Vec<(&'static str, u64, u64)>,
+    /// Size of the patch region at `IMAGE.0` (0: no region).
+    region_size: u64,
+    /// `cpu_caps()` panics (a bug anywhere in an apply).
+    panic_in_caps: bool,
 }
 
 const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
@@ -45,8 +51,8 @@ impl FakeGuest {
 }
 
 impl Guest for FakeGuest {
-    fn symbol(&self, _: &str) -> Option<(u64, u64)> {
-        None
+    fn symbol(&self, name: &str) -> Option<(u64, u64)> {
+        self.funcs.iter().find(|f| f.0 == name).map(|f| (f.1, f.2))
     }
     fn describe(&self, a: u64) -> String {
         format!("{a:#x}")
@@ -76,7 +82,10 @@ impl Guest for FakeGuest {
         Ok(self.task_list.lock().unwrap().clone())
     }
     fn patch_region(&self) -> PatchRegion {
-        PatchRegion { va: 0, size: 0 }
+        PatchRegion {
+            va: IMAGE.0,
+            size: self.region_size,
+        }
     }
     fn protect(&self, va: u64, len: u64, owner: &str, rule: WriteRule) -> Result<(), GuestError> {
         if self.fail_protect {
@@ -96,6 +105,7 @@ impl Guest for FakeGuest {
         self.rules.lock().unwrap().len() as u64
     }
     fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
+        assert!(!self.panic_in_caps, "injected panic");
         Ok(vec![0; 24])
     }
     fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
@@ -344,4 +354,66 @@ fn an_unreadable_stack_blocks_the_commit() {
         "{b:?}"
     );
     assert_eq!(b[1].task.map(|t| t.0), Some(2), "named, so status shows it");
+}
+
+/// A module replacing `old_f` (at `OLD_CODE`) with its only function.
+fn one_function_module() -> crate::module::PatchModule {
+    use crate::module::{LoadSection, PatchModule, Replace};
+    PatchModule {
+        name: "t".into(),
+        description: String::new(),
+        sections: vec![LoadSection {
+            index: object::SectionIndex(1),
+            name: ".text".into(),
+            data: vec![0xc3; 0x1800],
+            align: 16,
+            exec: true,
+            write: false,
+        }],
+        relocs: vec![],
+        replaces: vec![Replace {
+            old_name: "old_f".into(),
+            new_name: "new_f".into(),
+            new_load_idx: 0,
+            new_offset: 0,
+        }],
+        data: vec![],
+        callbacks: vec![],
+        warnings: vec![],
+    }
+}
+
+/// Every failed apply gives its patch-region memory back: on an error, and when a panic
+/// unwinds through it (the manager's lock is taken over after a panic, so a leak there
+/// used to shrink the region for good).
+#[test]
+fn a_failed_or_panicking_apply_frees_its_memory() {
+    let region = 4 * crate::alloc::PAGE;
+    let g = FakeGuest {
+        funcs: vec![("old_f", OLD_CODE, 64)],
+        region_size: region,
+        panic_in_caps: true,
+        ..Default::default()
+    };
+    let m = one_function_module();
+    let mut mgr = Manager::new(&g);
+    for _ in 0..3 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mgr.apply(&g, &m)));
+        assert!(r.is_err(), "the injected panic unwinds");
+        assert_eq!(mgr.alloc.free_bytes(), region, "nothing leaked");
+    }
+    // An error after the allocation (the old function does not start with ftrace's NOP).
+    let g = FakeGuest {
+        panic_in_caps: false,
+        ..g
+    };
+    for _ in 0..3 {
+        assert!(matches!(mgr.apply(&g, &m), Err(ApplyError::RunPre(_))));
+        assert_eq!(mgr.alloc.free_bytes(), region);
+    }
+    // With the NOP there, the patch goes in and keeps its memory.
+    g.write(OLD_CODE, &FTRACE_NOP).unwrap();
+    let id = mgr.apply(&g, &m).unwrap();
+    assert_eq!(mgr.alloc.free_bytes(), region - 2 * crate::alloc::PAGE);
+    assert_eq!(mgr.get(id).unwrap().state, PatchState::Committed);
 }
