@@ -28,7 +28,7 @@ export RUSTFLAGS="-Cpasses=sancov-module \
 build() {
     cargo build --quiet --release --locked --target "$triple" --bins
 }
-bin_dir="$here/target/$triple/release"
+bin_dir="${CARGO_TARGET_DIR:-$here/target}/$triple/release"
 
 if [[ ${1:-} == --replay ]]; then
     [[ $# -eq 3 ]] || { echo "usage: $0 --replay TARGET FILE" >&2; exit 2; }
