@@ -22,9 +22,10 @@ impl RegionAllocator {
         }
     }
 
-    /// Allocates `len` bytes (rounded up to pages); returns the address.
+    /// Allocates `len` bytes (rounded up to pages); returns the address, or None if no
+    /// free chunk is that large.
     pub fn alloc(&mut self, len: u64) -> Option<u64> {
-        let len = len.max(1).div_ceil(PAGE) * PAGE;
+        let len = len.max(1).div_ceil(PAGE).checked_mul(PAGE)?;
         let mut cur = self.base;
         let mut at = self.used.len();
         for (i, &(s, e)) in self.used.iter().enumerate() {
@@ -34,7 +35,7 @@ impl RegionAllocator {
             }
             cur = e;
         }
-        if at == self.used.len() && self.base + self.size - cur < len {
+        if at == self.used.len() && self.size - (cur - self.base) < len {
             return None;
         }
         self.used.insert(at, (cur, cur + len));
@@ -71,5 +72,14 @@ mod tests {
         a.free(y);
         assert_eq!(a.free_bytes(), 2 * PAGE);
         assert_eq!(a.alloc(2 * PAGE).unwrap(), 0x11000);
+    }
+
+    #[test]
+    fn huge_requests_fail_instead_of_wrapping() {
+        let mut a = RegionAllocator::new(0xffff_ffff_ff00_0000, 16 * PAGE);
+        assert_eq!(a.alloc(u64::MAX), None);
+        assert_eq!(a.alloc(u64::MAX - PAGE), None);
+        assert_eq!(a.alloc(17 * PAGE), None);
+        assert_eq!(a.alloc(16 * PAGE), Some(0xffff_ffff_ff00_0000));
     }
 }

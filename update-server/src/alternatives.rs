@@ -39,9 +39,9 @@ pub enum AltError {
     /// A record's site or replacement lies outside the linked patch image.
     #[error("alternative #{index}: {what} at {addr:#x} (+{len}) lies outside the patch image")]
     OutOfImage {
-        /// Record number in `.altinstructions`, from 0.
+        /// Record number in `.altinstructions`, from 0 (0 for the table).
         index: usize,
-        /// `site` or `replacement`.
+        /// `site`, `replacement` or `table` (the records themselves).
         what: &'static str,
         /// Guest virtual address of that range.
         addr: u64,
@@ -100,18 +100,26 @@ pub fn apply(m: &PatchModule, linked: &mut Linked, caps: &[u32]) -> Result<AltSt
     if !len.is_multiple_of(RECORD) {
         return Err(AltError::BadSize(len));
     }
-    let table = linked.layout.offsets[idx] as usize;
+    let table_addr = linked
+        .layout
+        .offsets
+        .get(idx)
+        .and_then(|&o| linked.base.checked_add(o))
+        .unwrap_or(u64::MAX);
+    // The table as linked (its relocations applied), which must lie inside the image.
+    let table = image_offset(linked, 0, "table", table_addr, len)?;
     let mut stats = AltStats {
         records: len / RECORD,
         patched: 0,
     };
     for index in 0..stats.records {
         let rec_off = table + index * RECORD;
-        let r = linked.image[rec_off..rec_off + RECORD].to_vec();
-        let rec = linked.base + rec_off as u64;
+        let mut r = [0u8; RECORD];
+        r.copy_from_slice(&linked.image[rec_off..rec_off + RECORD]);
+        let rec = linked.base.wrapping_add(rec_off as u64);
         let s32 = |o: usize| i32::from_le_bytes([r[o], r[o + 1], r[o + 2], r[o + 3]]) as i64;
         let instr = rec.wrapping_add_signed(s32(0));
-        let repl = (rec + 4).wrapping_add_signed(s32(4));
+        let repl = rec.wrapping_add(4).wrapping_add_signed(s32(4));
         let cpuid = u16::from_le_bytes([r[8], r[9]]);
         let (instrlen, repllen) = (r[10] as usize, r[11] as usize);
         let feature = cpuid & !FLAG_INV;
@@ -234,6 +242,7 @@ mod tests {
             image: img,
             layout: Layout {
                 offsets: vec![0, 0x100, 0x200],
+                sizes: vec![text.len() as u64, repl.len() as u64, table.len() as u64],
                 size: 0x1000,
             },
             kernel_refs: vec![],
@@ -295,5 +304,25 @@ mod tests {
         let mut caps = vec![0u32; 24];
         caps[9] = 1 << 20;
         assert!(matches!(apply(&m, &mut l, &caps), Err(AltError::TooLong { .. })));
+    }
+
+    /// A `Linked` whose layout puts the table (partly) past the image end panicked on the
+    /// record slice; a base near 2^64 wrapped `rec + 4`.
+    #[test]
+    fn a_table_outside_the_image_is_refused() {
+        let (m, mut l) = image(&[0x90; 3], &STAC, &[(0, 0, SMAP, 3, 3)]);
+        l.layout.offsets[2] = 0xff8;
+        assert!(matches!(
+            apply(&m, &mut l, &[0; 24]),
+            Err(AltError::OutOfImage { what: "table", .. })
+        ));
+        l.layout.offsets.truncate(2);
+        assert!(matches!(
+            apply(&m, &mut l, &[0; 24]),
+            Err(AltError::OutOfImage { what: "table", .. })
+        ));
+        let (m, mut l) = image(&[0x90; 3], &STAC, &[(0, 0, SMAP, 3, 3)]);
+        l.base = u64::MAX - 0x100;
+        assert!(apply(&m, &mut l, &[0; 24]).is_err());
     }
 }

@@ -164,7 +164,7 @@ pub fn build(
         }
         Ok(Some((
             linked.layout.offsets[i] as usize,
-            linked.addr_of(i, 0),
+            linked.base + linked.layout.offsets[i],
             size / entry,
         )))
     };
@@ -238,7 +238,12 @@ pub fn build(
     let rel = |off: u64| (off - plan.meta_off) as usize;
     let mut strtab = vec![0u8];
     let mut types = vec![0u8];
-    for (i, f) in m.functions.iter().enumerate() {
+    // (parse checked every function against its section: all have an address)
+    let placed = m
+        .functions
+        .iter()
+        .filter_map(|f| Some((f, linked.addr_of(f.load_idx, f.offset)?)));
+    for (i, (f, addr)) in placed.enumerate() {
         let at = rel(plan.symtab_off) + (i + 1) * SYM as usize;
         let st_name = strtab.len() as u32;
         strtab.extend_from_slice(f.name.as_bytes());
@@ -247,7 +252,7 @@ pub fn build(
         meta[at..at + 4].copy_from_slice(&st_name.to_le_bytes());
         meta[at + 4] = (bind << 4) | 2; // STT_FUNC
         meta[at + 6..at + 8].copy_from_slice(&1u16.to_le_bytes()); // any defined section
-        meta[at + 8..at + 16].copy_from_slice(&linked.addr_of(f.load_idx, f.offset).to_le_bytes());
+        meta[at + 8..at + 16].copy_from_slice(&addr.to_le_bytes());
         meta[at + 16..at + 24].copy_from_slice(&f.size.to_le_bytes());
         types.push(if f.global { b'T' } else { b't' });
     }

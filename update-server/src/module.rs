@@ -3,8 +3,10 @@
 //! apply to kept sections, and the `.lucos.*` records.
 
 use object::elf;
-use object::read::elf::{ElfFile64, FileHeader, SectionHeader};
-use object::{Endianness, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex};
+use object::read::elf::{ElfFile64, ElfSymbol64, FileHeader, SectionHeader};
+use object::{
+    Endianness, Object, ObjectSection, ObjectSymbol, RelocationFlags, RelocationTarget, SectionIndex, SymbolSection,
+};
 use std::time::Duration;
 use thiserror::Error;
 
@@ -16,6 +18,11 @@ const DATA_RECORD: usize = NAME_MAX + 16;
 const CALLBACK_RECORD: usize = 8 + 2 * NAME_MAX + 8;
 /// Time limit of a callback that does not set one.
 pub const DEFAULT_CALLBACK_LIMIT: Duration = Duration::from_secs(1);
+/// Largest section alignment accepted: the patch image itself is only page aligned.
+pub const MAX_ALIGN: u64 = 4096;
+/// The most bytes an image may take when the caller does not know the patch region's size
+/// ([`PatchModule::parse`]): the VMM's whole patch region.
+pub const DEFAULT_MAX_IMAGE: u64 = 16 << 20;
 /// Version of the lucos record ABI (first word of `.lucos.info`) that this server accepts.
 pub const ABI_VERSION: u32 = 1;
 
@@ -73,7 +80,8 @@ pub enum ModuleError {
     /// A callback record's wrapper entry is not a code symbol of the module.
     #[error("callback entry '{0}' is not defined in the module's code")]
     NoCallback(String),
-    /// A relocation's symbol cannot be read, or its target is of an unknown kind.
+    /// A relocation's symbol cannot be read, its target is of an unknown kind, or its field
+    /// does not lie inside the section it patches.
     #[error("relocation in {section} at {offset:#x}: {what}")]
     BadRelocation {
         /// Section being relocated.
@@ -82,6 +90,49 @@ pub enum ModuleError {
         offset: u64,
         /// Why it failed.
         what: String,
+    },
+    /// The loaded sections, laid out as the linker would, need more than `limit` bytes
+    /// (the patch region); `size` is what they would take (`u64::MAX` if that overflows).
+    #[error("module image needs {size} bytes (first too large: section '{section}'), more than the {limit}-byte patch region")]
+    TooLarge {
+        /// The section at which the running total went over the limit.
+        section: String,
+        /// Bytes the image needs up to and including that section.
+        size: u64,
+        /// The most an image may take.
+        limit: u64,
+    },
+    /// A loaded section's `sh_addralign` is not a power of two or exceeds [`MAX_ALIGN`].
+    #[error("section '{section}' has alignment {align}: must be a power of two of at most {MAX_ALIGN}")]
+    BadAlign {
+        /// The section.
+        section: String,
+        /// Its `sh_addralign`.
+        align: u64,
+    },
+    /// A symbol defined in a loaded section does not lie inside it (`value + size` past the
+    /// section's end), or a function entry is at or past the end of its code.
+    #[error("symbol '{symbol}' at {section}+{value:#x} (size {size}) lies outside the {section_size}-byte section")]
+    SymbolOutOfSection {
+        /// The symbol (or, for an unnamed one, its index).
+        symbol: String,
+        /// The section it is defined in.
+        section: String,
+        /// Its value: the offset in the section.
+        value: u64,
+        /// Its size in bytes.
+        size: u64,
+        /// The section's size in bytes.
+        section_size: u64,
+    },
+    /// A symbol is of a kind a patch module cannot have (a common symbol, or a reserved
+    /// section index).
+    #[error("symbol '{symbol}': {what}")]
+    BadSymbol {
+        /// The symbol.
+        symbol: String,
+        /// What is wrong with it.
+        what: &'static str,
     },
 }
 
@@ -378,9 +429,51 @@ fn cstr(b: &[u8]) -> Result<String, ModuleError> {
     String::from_utf8(b[..end].to_vec()).map_err(|_| ModuleError::BadName)
 }
 
+/// A loaded section before its bytes are copied: NOBITS sections have no bytes yet.
+struct Pending<'d> {
+    index: SectionIndex,
+    name: String,
+    bytes: Option<&'d [u8]>,
+    size: u64,
+    align: u64,
+    exec: bool,
+    write: bool,
+}
+
+/// Name of symbol `sym` for messages: its name, or `#index` for an unnamed one.
+fn sym_label(sym: &ElfSymbol64<'_, '_, Endianness>) -> String {
+    match sym.name() {
+        Ok(n) if !n.is_empty() => n.to_string(),
+        _ => format!("#{}", sym.index().0),
+    }
+}
+
 impl PatchModule {
-    /// Parses a `.ko` (without any signature trailer).
+    /// Parses a `.ko` (without any signature trailer) whose image may take at most
+    /// [`DEFAULT_MAX_IMAGE`] bytes. See [`parse_limited`](Self::parse_limited).
     pub fn parse(data: &[u8]) -> Result<Self, ModuleError> {
+        Self::parse_limited(data, DEFAULT_MAX_IMAGE)
+    }
+
+    /// Parses a `.ko` (without any signature trailer) whose linked image must fit in
+    /// `max_image` bytes (the patch region). Every size, offset and alignment the file
+    /// gives is checked before it is used: sections against `max_image` (before anything
+    /// is allocated for them), symbols and relocation fields against their sections. Never
+    /// panics; malformed input gives an error.
+    pub fn parse_limited(data: &[u8], max_image: u64) -> Result<Self, ModuleError> {
+        // ELF structures are read in place and must be aligned: parse a copy otherwise.
+        if !(data.as_ptr() as usize).is_multiple_of(8) {
+            let mut words = vec![0u64; data.len().div_ceil(8)];
+            // SAFETY: the byte view covers exactly the vector's memory (initialized u64s,
+            // which have no padding), borrowed mutably through `words` for its lifetime.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(words.as_mut_ptr().cast::<u8>(), words.len() * 8) };
+            bytes[..data.len()].copy_from_slice(data);
+            return Self::parse_aligned(&bytes[..data.len()], max_image);
+        }
+        Self::parse_aligned(data, max_image)
+    }
+
+    fn parse_aligned(data: &[u8], max_image: u64) -> Result<Self, ModuleError> {
         let file = ElfFile64::<Endianness>::parse(data).map_err(|e| ModuleError::NotElf(e.to_string()))?;
         let hdr = file.elf_header();
         let e = file.endian();
@@ -392,7 +485,7 @@ impl PatchModule {
             )));
         }
         let warnings = Vec::new();
-        let mut sections = Vec::new();
+        let mut pending = Vec::new();
         let mut load_of = std::collections::HashMap::new();
         for sec in file.sections() {
             let name = sec.name().unwrap_or("").to_string();
@@ -407,33 +500,79 @@ impl PatchModule {
                 }
                 continue;
             }
-            let data = if sh.sh_type(e) == elf::SHT_NOBITS {
-                vec![0u8; sec.size() as usize]
-            } else {
-                sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?.to_vec()
+            let align = match sh.sh_addralign(e) {
+                0 => 1,
+                a if a.is_power_of_two() && a <= MAX_ALIGN => a,
+                align => return Err(ModuleError::BadAlign { section: name, align }),
             };
-            load_of.insert(sec.index(), sections.len());
-            sections.push(LoadSection {
+            // NOBITS: only a size, checked against the limit below before any allocation.
+            let bytes = if sh.sh_type(e) == elf::SHT_NOBITS {
+                None
+            } else {
+                Some(
+                    sec.data()
+                        .map_err(|e| ModuleError::NotElf(format!("section '{name}': {e}")))?,
+                )
+            };
+            load_of.insert(sec.index(), pending.len());
+            pending.push(Pending {
                 index: sec.index(),
                 name,
-                data,
-                align: sec.align().max(1),
+                bytes,
+                size: sec.size(),
+                align,
                 exec: flags & u64::from(elf::SHF_EXECINSTR) != 0,
                 write: flags & u64::from(elf::SHF_WRITE) != 0,
             });
         }
+        // The image as the linker lays it out must fit; several section headers may
+        // describe the same file bytes, so the file's size bounds nothing.
+        let placed: Vec<(u64, u64, bool)> = pending.iter().map(|p| (p.size, p.align, p.exec)).collect();
+        if let Err((i, size)) = crate::link::image_size(&placed, max_image) {
+            return Err(ModuleError::TooLarge {
+                section: pending[i].name.clone(),
+                size,
+                limit: max_image,
+            });
+        }
+        let sections: Vec<LoadSection> = pending
+            .into_iter()
+            .map(|p| LoadSection {
+                index: p.index,
+                data: match p.bytes {
+                    Some(b) => b.to_vec(),
+                    // Fits in max_image, checked above.
+                    None => vec![0u8; p.size as usize],
+                },
+                name: p.name,
+                align: p.align,
+                exec: p.exec,
+                write: p.write,
+            })
+            .collect();
 
-        let place = |sym: &object::read::elf::ElfSymbol64<'_, '_, Endianness>| -> SymbolPlace {
+        let place = |sym: &ElfSymbol64<'_, '_, Endianness>| -> Result<SymbolPlace, ModuleError> {
             let name = sym.name().unwrap_or("").to_string();
-            if sym.is_undefined() {
-                return SymbolPlace::Kernel(name);
-            }
-            match sym.section_index() {
-                Some(idx) => match load_of.get(&idx) {
-                    Some(&l) => SymbolPlace::Section {
-                        load_idx: l,
-                        offset: sym.address(),
-                    },
+            Ok(match sym.section() {
+                SymbolSection::Undefined => SymbolPlace::Kernel(name),
+                SymbolSection::Section(idx) => match load_of.get(&idx) {
+                    Some(&l) => {
+                        let (value, size) = (sym.address(), sym.size());
+                        let section_size = sections[l].data.len() as u64;
+                        if value.checked_add(size).is_none_or(|end| end > section_size) {
+                            return Err(ModuleError::SymbolOutOfSection {
+                                symbol: sym_label(sym),
+                                section: sections[l].name.clone(),
+                                value,
+                                size,
+                                section_size,
+                            });
+                        }
+                        SymbolPlace::Section {
+                            load_idx: l,
+                            offset: value,
+                        }
+                    }
                     None => SymbolPlace::NotLoaded(
                         file.section_by_index(idx)
                             .ok()
@@ -441,26 +580,56 @@ impl PatchModule {
                             .unwrap_or_default(),
                     ),
                 },
-                None => SymbolPlace::Absolute(sym.address()),
-            }
+                SymbolSection::Common => {
+                    return Err(ModuleError::BadSymbol {
+                        symbol: sym_label(sym),
+                        what: "common symbols are not supported (build with -fno-common)",
+                    })
+                }
+                SymbolSection::Unknown => {
+                    return Err(ModuleError::BadSymbol {
+                        symbol: sym_label(sym),
+                        what: "section index is reserved or unreadable",
+                    })
+                }
+                _ => SymbolPlace::Absolute(sym.address()),
+            })
         };
+        // Every symbol defined in a loaded section lies inside it, used or not.
+        for sym in file.symbols() {
+            place(&sym)?;
+        }
 
         let mut relocs = Vec::new();
         for sec in file.sections() {
             let Some(&load_idx) = load_of.get(&sec.index()) else {
                 continue;
             };
+            let section = &sections[load_idx];
             for (offset, r) in sec.relocations() {
+                let bad = |what: String| ModuleError::BadRelocation {
+                    section: section.name.clone(),
+                    offset,
+                    what,
+                };
                 let RelocationFlags::Elf { r_type } = r.flags() else {
                     return Err(ModuleError::NotElf("non-ELF relocation".into()));
                 };
+                // Unknown types are refused by the linker, by name; their field is at least
+                // inside the section.
+                let width = crate::link::reloc_width(r_type).unwrap_or(0);
+                if offset
+                    .checked_add(width)
+                    .is_none_or(|end| end > section.data.len() as u64)
+                {
+                    return Err(bad(format!(
+                        "the {width}-byte field lies outside the {}-byte section",
+                        section.data.len()
+                    )));
+                }
                 let (target, name) = match r.target() {
                     RelocationTarget::Symbol(si) => {
-                        let sym = file.symbol_by_index(si).map_err(|e| ModuleError::BadRelocation {
-                            section: sections[load_idx].name.clone(),
-                            offset,
-                            what: e.to_string(),
-                        })?;
+                        let sym = file.symbol_by_index(si).map_err(|e| bad(e.to_string()))?;
                         let mut n = sym.name().unwrap_or("").to_string();
                         if n.is_empty() {
                             n = sym
@@ -469,7 +638,7 @@ impl PatchModule {
                                 .and_then(|s| s.name().ok().map(String::from))
                                 .unwrap_or_default();
                         }
-                        (place(&sym), n)
+                        (place(&sym)?, n)
                     }
                     RelocationTarget::Section(idx) => match load_of.get(&idx) {
                         Some(&l) => (
@@ -479,13 +648,7 @@ impl PatchModule {
                         None => (SymbolPlace::NotLoaded(format!("{idx:?}")), format!("section {idx:?}")),
                     },
                     RelocationTarget::Absolute => (SymbolPlace::Absolute(0), "absolute".into()),
-                    _ => {
-                        return Err(ModuleError::BadRelocation {
-                            section: sections[load_idx].name.clone(),
-                            offset,
-                            what: "unknown relocation target".into(),
-                        })
-                    }
+                    _ => return Err(bad("unknown relocation target".into())),
                 };
                 relocs.push(Reloc {
                     load_idx,
@@ -526,14 +689,36 @@ impl PatchModule {
             return Err(ModuleError::NoReplacements);
         }
         let replace_records = records(d, ".lucos.replace", REPLACE_RECORD)?;
-        // A function defined in the module's loaded code.
-        let code_symbol = |name: &str| -> Option<(usize, u64)> {
-            let sym = file
-                .symbols()
-                .find(|s| s.name() == Ok(name) && s.kind() == object::SymbolKind::Text)?;
-            match place(&sym) {
-                SymbolPlace::Section { load_idx, offset } if sections[load_idx].exec => Some((load_idx, offset)),
-                _ => None,
+        // Functions defined in the module, by name (the first of a name wins), looked up
+        // once: records may be many.
+        let mut functions = std::collections::HashMap::new();
+        for sym in file.symbols() {
+            if sym.kind() == object::SymbolKind::Text {
+                if let Ok(n) = sym.name() {
+                    functions.entry(n).or_insert(sym);
+                }
+            }
+        }
+        // A function entry in the module's loaded code, with at least a byte of code there.
+        let code_symbol = |name: &str| -> Result<Option<(usize, u64)>, ModuleError> {
+            let Some(sym) = functions.get(name) else {
+                return Ok(None);
+            };
+            match place(sym)? {
+                SymbolPlace::Section { load_idx, offset } if sections[load_idx].exec => {
+                    let section_size = sections[load_idx].data.len() as u64;
+                    if offset >= section_size {
+                        return Err(ModuleError::SymbolOutOfSection {
+                            symbol: name.into(),
+                            section: sections[load_idx].name.clone(),
+                            value: offset,
+                            size: sym.size(),
+                            section_size,
+                        });
+                    }
+                    Ok(Some((load_idx, offset)))
+                }
+                _ => Ok(None),
             }
         };
         let mut replaces = Vec::new();
@@ -541,7 +726,7 @@ impl PatchModule {
             let old_name = cstr(&rec[..NAME_MAX])?;
             let new_name = cstr(&rec[NAME_MAX..2 * NAME_MAX])?;
             let (load_idx, offset) =
-                code_symbol(&new_name).ok_or_else(|| ModuleError::NoNewFunction(new_name.clone()))?;
+                code_symbol(&new_name)?.ok_or_else(|| ModuleError::NoNewFunction(new_name.clone()))?;
             replaces.push(Replace {
                 old_name,
                 new_name,
@@ -559,7 +744,7 @@ impl PatchModule {
         if let Some(sec) = file.section_by_name(".lucos.callback") {
             let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
             for (kind, name, entry, limit) in parse_callback_records(d)? {
-                let (load_idx, offset) = code_symbol(&entry).ok_or_else(|| ModuleError::NoCallback(entry.clone()))?;
+                let (load_idx, offset) = code_symbol(&entry)?.ok_or_else(|| ModuleError::NoCallback(entry.clone()))?;
                 callbacks.push(Callback {
                     kind,
                     name,
@@ -570,11 +755,12 @@ impl PatchModule {
                 });
             }
         }
-        let functions = file
+        // Every function of the loaded code, for the guest kernel's symbol lookups.
+        let function_list = file
             .symbols()
             .filter(|s| s.kind() == object::SymbolKind::Text)
             .filter_map(|s| match place(&s) {
-                SymbolPlace::Section { load_idx, offset } if sections[load_idx].exec => Some(FuncSymbol {
+                Ok(SymbolPlace::Section { load_idx, offset }) if sections[load_idx].exec => Some(FuncSymbol {
                     name: s.name().ok()?.to_string(),
                     load_idx,
                     offset,
@@ -593,13 +779,13 @@ impl PatchModule {
             data,
             callbacks,
             warnings,
-            functions,
+            functions: function_list,
         })
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A minimal patch module (one function replacing `old_fn`) plus a section `extra`
@@ -737,6 +923,231 @@ mod tests {
         assert!(matches!(
             parse_data_rules(&[0xffu8; DATA_RECORD]),
             Err(ModuleError::BadName)
+        ));
+    }
+
+    /// Real modules built by kbuild for the guest (debug info stripped), also the fuzzers'
+    /// seeds.
+    pub(crate) const REAL_MODULES: &[(&str, &[u8])] = &[
+        ("cmdline", include_bytes!("../testdata/modules/cmdline.elf")),
+        ("uname", include_bytes!("../testdata/modules/uname.elf")),
+        ("deadlock_fix", include_bytes!("../testdata/modules/deadlock_fix.elf")),
+        ("demo_units", include_bytes!("../testdata/modules/demo_units.elf")),
+        ("cb_fault_data", include_bytes!("../testdata/modules/cb_fault_data.elf")),
+    ];
+
+    #[test]
+    fn real_modules_parse() {
+        for (name, ko) in REAL_MODULES {
+            // (include_bytes! data need not be aligned: parse copies it then.)
+            let m = PatchModule::parse(ko).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!m.replaces.is_empty(), "{name}");
+            assert!(m.sections.iter().any(|s| s.name == ".text" && s.exec), "{name}");
+        }
+    }
+
+    /// Byte offsets (in the file) of the ELF structures the malformed-module tests rewrite.
+    struct Offsets {
+        /// Section header of each section, by name.
+        shdr: std::collections::HashMap<String, usize>,
+        /// Symbol table entry of each named symbol.
+        sym: std::collections::HashMap<String, usize>,
+    }
+
+    fn offsets(ko: &[u8]) -> Offsets {
+        let file = ElfFile64::<Endianness>::parse(ko).unwrap();
+        let at = |p: *const u8| p as usize - ko.as_ptr() as usize;
+        let shdr = file
+            .sections()
+            .map(|s| {
+                let h: *const _ = s.elf_section_header();
+                (s.name().unwrap().to_string(), at(h.cast()))
+            })
+            .collect();
+        let sym = file
+            .symbols()
+            .filter(|s| !s.name().unwrap_or("").is_empty())
+            .map(|s| {
+                let h: *const _ = s.elf_symbol();
+                (s.name().unwrap().to_string(), at(h.cast()))
+            })
+            .collect();
+        Offsets { shdr, sym }
+    }
+
+    /// The cmdline module with `f` applied to its bytes.
+    fn cmdline_with(f: impl FnOnce(&mut Vec<u8>, &Offsets)) -> Vec<u8> {
+        let mut ko = REAL_MODULES[0].1.to_vec();
+        let o = offsets(&ko);
+        f(&mut ko, &o);
+        ko
+    }
+
+    fn put64(ko: &mut [u8], at: usize, v: u64) {
+        ko[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    }
+
+    // Elf64_Shdr: sh_name 0, sh_type 4, sh_flags 8, sh_addr 16, sh_offset 24, sh_size 32,
+    // sh_link 40, sh_info 44, sh_addralign 48. Elf64_Sym: st_value 8, st_size 16.
+    const SH_SIZE: usize = 32;
+    const SH_ADDRALIGN: usize = 48;
+    const ST_SHNDX: usize = 6;
+    const ST_VALUE: usize = 8;
+    const ST_SIZE: usize = 16;
+
+    /// A signed module with a 2^50-byte `.bss` aborted the VMM: `vec![0; 2^50]`.
+    #[test]
+    fn huge_bss_is_refused_before_allocating() {
+        let ko = cmdline_with(|ko, o| put64(ko, o.shdr[".bss"] + SH_SIZE, 1 << 50));
+        // .bss goes after the code and the other loaded sections.
+        let e = PatchModule::parse(&ko).unwrap_err();
+        assert!(
+            matches!(&e, ModuleError::TooLarge { section, size, limit }
+                if section == ".bss" && *size > 1 << 50 && *size < (1 << 50) + 4096 && *limit == DEFAULT_MAX_IMAGE),
+            "{e:?}"
+        );
+        // Near 2^64 the layout itself would wrap.
+        let ko = cmdline_with(|ko, o| put64(ko, o.shdr[".bss"] + SH_SIZE, u64::MAX - 8));
+        assert!(matches!(
+            PatchModule::parse(&ko),
+            Err(ModuleError::TooLarge { size: u64::MAX, .. })
+        ));
+    }
+
+    #[test]
+    fn the_image_must_fit_the_patch_region() {
+        let ko = cmdline_with(|ko, o| put64(ko, o.shdr[".bss"] + SH_SIZE, 3 << 20));
+        let e = PatchModule::parse_limited(&ko, 2 << 20).unwrap_err();
+        assert!(matches!(e, ModuleError::TooLarge { limit: 0x20_0000, .. }), "{e}");
+        let m = PatchModule::parse_limited(&ko, 4 << 20).unwrap();
+        let bss = m.sections.iter().find(|s| s.name == ".bss").unwrap();
+        assert_eq!(bss.data.len(), 3 << 20);
+        assert!(bss.data.iter().all(|&b| b == 0));
+    }
+
+    /// A replacement whose symbol lies past its section jumped 0x7ff000 past the image end.
+    #[test]
+    fn symbols_must_lie_inside_their_section() {
+        let sym = "lucos_cmdline_proc_show";
+        let ko = cmdline_with(|ko, o| put64(ko, o.sym[sym] + ST_VALUE, 0x7ff000));
+        assert_eq!(
+            PatchModule::parse(&ko).unwrap_err(),
+            ModuleError::SymbolOutOfSection {
+                symbol: sym.into(),
+                section: ".text".into(),
+                value: 0x7ff000,
+                size: 53,
+                section_size: 53
+            }
+        );
+        // value + size wraps past 2^64.
+        let ko = cmdline_with(|ko, o| {
+            put64(ko, o.sym[sym] + ST_VALUE, 8);
+            put64(ko, o.sym[sym] + ST_SIZE, u64::MAX - 1);
+        });
+        assert!(matches!(
+            PatchModule::parse(&ko),
+            Err(ModuleError::SymbolOutOfSection { value: 8, .. })
+        ));
+        // A data symbol the module does not even use is checked too.
+        let ko = cmdline_with(|ko, o| {
+            put64(ko, o.sym["__lucos_info"] + ST_SIZE, 389);
+        });
+        // (.lucos.info is not loaded: nothing to check there.)
+        assert!(PatchModule::parse(&ko).is_ok());
+        // A common symbol would have been linked at its alignment, as an absolute value.
+        let ko = cmdline_with(|ko, o| {
+            ko[o.sym[sym] + ST_SHNDX..o.sym[sym] + ST_SHNDX + 2].copy_from_slice(&elf::SHN_COMMON.to_le_bytes());
+        });
+        assert!(matches!(PatchModule::parse(&ko), Err(ModuleError::BadSymbol { .. })));
+    }
+
+    /// A function entry needs code at it: a zero-sized symbol at the very end is refused.
+    #[test]
+    fn an_entry_at_the_end_of_its_section_is_refused() {
+        let sym = "lucos_cmdline_proc_show";
+        let ko = cmdline_with(|ko, o| {
+            put64(ko, o.sym[sym] + ST_VALUE, 53);
+            put64(ko, o.sym[sym] + ST_SIZE, 0);
+        });
+        assert!(matches!(
+            PatchModule::parse(&ko),
+            Err(ModuleError::SymbolOutOfSection { value: 53, size: 0, .. })
+        ));
+    }
+
+    /// A relocation at an offset that wraps when its width is added panicked the linker.
+    #[test]
+    fn relocations_must_lie_inside_their_section() {
+        let rela = |ko: &[u8]| {
+            let file = ElfFile64::<Endianness>::parse(ko).unwrap();
+            let r = file.section_by_name(".rela.text").unwrap().file_range().unwrap().0;
+            r as usize
+        };
+        for offset in [u64::MAX - 1, 0x34, 0x1000] {
+            let ko = cmdline_with(|ko, _| {
+                let first = rela(ko);
+                put64(ko, first, offset); // r_offset of the first entry (PLT32, 4 bytes)
+            });
+            let e = PatchModule::parse(&ko).unwrap_err();
+            assert!(
+                matches!(&e, ModuleError::BadRelocation { section, offset: o, .. } if section == ".text" && *o == offset),
+                "{offset:#x}: {e}"
+            );
+        }
+        // The last 4 bytes of .text are fine.
+        let ko = cmdline_with(|ko, _| {
+            let first = rela(ko);
+            put64(ko, first, 0x31);
+        });
+        assert!(PatchModule::parse(&ko).is_ok());
+    }
+
+    /// A module at an odd address (e.g. inside a larger buffer) parses as well.
+    #[test]
+    fn misaligned_input_parses() {
+        let mut buf = vec![0u8; 1];
+        buf.extend_from_slice(REAL_MODULES[0].1);
+        let m = PatchModule::parse(&buf[1..]).unwrap();
+        assert_eq!(m.name, "cmdline");
+    }
+
+    /// Alignments that are not powers of two, or so large that the layout needs terabytes.
+    #[test]
+    fn alignment_must_be_a_small_power_of_two() {
+        for align in [3, 24, 1 << 40, 8192] {
+            let ko = cmdline_with(|ko, o| put64(ko, o.shdr[".text"] + SH_ADDRALIGN, align));
+            assert_eq!(
+                PatchModule::parse(&ko).unwrap_err(),
+                ModuleError::BadAlign {
+                    section: ".text".into(),
+                    align
+                },
+                "{align}"
+            );
+        }
+        for align in [0, 1, 4096] {
+            let ko = cmdline_with(|ko, o| put64(ko, o.shdr[".text"] + SH_ADDRALIGN, align));
+            let m = PatchModule::parse(&ko).unwrap();
+            assert_eq!(
+                m.sections.iter().find(|s| s.name == ".text").unwrap().align,
+                align.max(1)
+            );
+        }
+    }
+
+    /// Many section headers may describe the same file bytes: the image bound, not the
+    /// file size, limits what is copied.
+    #[test]
+    fn aliased_sections_count_against_the_image_limit() {
+        let ko = cmdline_with(|ko, o| {
+            // .text covers the whole file.
+            put64(ko, o.shdr[".text"] + 24, 0);
+            put64(ko, o.shdr[".text"] + SH_SIZE, 4096);
+        });
+        assert!(matches!(
+            PatchModule::parse_limited(&ko, 4096),
+            Err(ModuleError::TooLarge { .. })
         ));
     }
 }

@@ -282,8 +282,15 @@ pub fn read_request<R: Read + ?Sized>(r: &mut R) -> Result<(Request, Vec<u8>), P
     if req.payload_len > MAX_PAYLOAD {
         return Err(ProtocolError::PayloadTooLarge(req.payload_len));
     }
-    let mut payload = vec![0u8; req.payload_len as usize];
-    r.read_exact(&mut payload)?;
+    // Grows with what arrives: announcing a large payload reserves nothing.
+    let mut payload = Vec::new();
+    r.take(req.payload_len).read_to_end(&mut payload)?;
+    if payload.len() as u64 != req.payload_len {
+        return Err(ProtocolError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            format!("payload ended after {} of {} bytes", payload.len(), req.payload_len),
+        )));
+    }
     Ok((req, payload))
 }
 
@@ -332,7 +339,10 @@ mod tests {
             b"short",
         )
         .unwrap();
-        assert!(matches!(read_request(&mut &buf[..]), Err(ProtocolError::Io(_))));
+        assert!(matches!(
+            read_request(&mut &buf[..]),
+            Err(ProtocolError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof
+        ));
         let mut buf = Vec::new();
         write_frame(
             &mut buf,

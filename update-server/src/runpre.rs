@@ -100,9 +100,10 @@ pub enum SiteError {
 }
 
 /// Checks that the bytes at the patch site are exactly `expected` and that `expected`
-/// covers whole instructions. `func` names the function for the error.
+/// covers whole instructions. `func` names the function for the error. `actual` shorter
+/// than `expected` does not match.
 pub fn check_site(func: &str, site: u64, actual: &[u8], expected: &[u8]) -> Result<(), SiteError> {
-    if &actual[..expected.len()] != expected {
+    if actual.get(..expected.len()) != Some(expected) {
         return Err(SiteError::Mismatch {
             func: func.into(),
             site,
@@ -163,5 +164,14 @@ mod tests {
         assert!(e.contains("split an instruction"), "{e}");
         assert_eq!(patch_offset(&[0xf3, 0x0f, 0x1e, 0xfa, 0x0f]), 4);
         assert_eq!(patch_offset(&good), 0);
+    }
+
+    /// Fewer bytes than expected panicked on the slice.
+    #[test]
+    fn short_actual_bytes_do_not_match() {
+        assert!(matches!(
+            check_site("f", 0x1000, &FTRACE_NOP[..3], &FTRACE_NOP),
+            Err(SiteError::Mismatch { .. })
+        ));
     }
 }

@@ -474,7 +474,7 @@ impl UpdateServer {
                 signing::hex(&self.policy.kernel_id)
             ));
         }
-        let m = match PatchModule::parse(v.module) {
+        let m = match PatchModule::parse_limited(v.module, self.guest.patch_region().size) {
             Ok(m) => m,
             Err(e) => return refused(format!("invalid patch module: {e}")),
         };

@@ -42,7 +42,7 @@ impl Manager {
         }
         let data = Self::resolve_data(g, m)?;
         self.check_data_unpatched(&data)?;
-        let image = link::layout(m).size;
+        let image = link::layout(m)?.size;
         // The guest kernel learns about the patch code as a module (exception, BUG and
         // ORC tables, symbols) if it can; code with exception or BUG tables needs that.
         let tables = match g.table_sizes() {
@@ -69,16 +69,12 @@ impl Manager {
             size: need,
             tables: tables.as_ref(),
         };
-        let result = self.apply_at(g, m, &olds, data, &place, t0);
-        // The image's memory is freed only if no patch owns it: once the jumps are live the
-        // patch exists (in transition, or rolling back after a failed callback) and frees
-        // its memory when its last thread has left the code. After an inconsistent swap
-        // some jump may still lead into the image: it is never reused.
-        let owned = self.patches.iter().any(|p| p.image_addr == base);
-        if matches!(&result, Err(e) if !owned && !matches!(e, ApplyError::Inconsistent { .. })) {
-            self.alloc.free(base);
+        Reservation {
+            mgr: self,
+            base,
+            taken: false,
         }
-        result
+        .apply_at(g, m, &olds, data, &place, t0)
     }
 
     /// Refuses a data rule for a global that a live patch (any but rolled back) already
@@ -105,6 +101,34 @@ impl Manager {
         Ok(())
     }
 
+    fn jump_of(&self, id: u32, site: u64) -> Option<Vec<u8>> {
+        let p = self.patches.iter().find(|p| p.id == id)?;
+        p.funcs.iter().find(|f| f.site == site).map(|f| f.jump.clone())
+    }
+}
+
+/// Patch-region memory reserved for an apply in progress. Until the patch takes it over
+/// (once its jumps are in), dropping the reservation frees the memory: on every error
+/// return and when a panic unwinds through the apply, so that nothing leaks. After an
+/// inconsistent swap some jump may still lead into the image: it is then never reused.
+struct Reservation<'a> {
+    mgr: &'a mut Manager,
+    /// Start of the reserved chunk.
+    base: u64,
+    /// The patch owns the memory now (it is freed when its rollback finishes), or the
+    /// memory must never be reused.
+    taken: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.taken {
+            self.mgr.alloc.free(self.base);
+        }
+    }
+}
+
+impl Reservation<'_> {
     fn apply_at(
         &mut self,
         g: &dyn Guest,
@@ -149,7 +173,10 @@ impl Manager {
             let mut head = [0u8; 16];
             g.read(old_addr, &mut head)?;
             let site = old_addr + runpre::patch_offset(&head) as u64;
-            let new_addr = linked.addr_of(r.new_load_idx, r.new_offset);
+            // link() checked every replacement against its section.
+            let new_addr = linked
+                .addr_of(r.new_load_idx, r.new_offset)
+                .ok_or_else(|| outside(&r.new_name, r.new_load_idx, r.new_offset))?;
             let jump = runpre::jmp_rel32(site, new_addr).ok_or_else(|| {
                 ApplyError::RunPre(SiteError::OutOfReach {
                     func: r.old_name.clone(),
@@ -157,8 +184,8 @@ impl Manager {
                 })
             })?;
             // What the site must hold now: the previous lucos jump if stacked, else ftrace's nop.
-            let expected = match self.sites.get(&site).and_then(|v| v.last()) {
-                Some(&prev) => self.jump_of(prev, site).unwrap_or(FTRACE_NOP.to_vec()),
+            let expected = match self.mgr.sites.get(&site).and_then(|v| v.last()) {
+                Some(&prev) => self.mgr.jump_of(prev, site).unwrap_or(FTRACE_NOP.to_vec()),
                 None => FTRACE_NOP.to_vec(),
             };
             let off = (site - old_addr) as usize;
@@ -174,22 +201,26 @@ impl Manager {
                 jump: jump.to_vec(),
             });
         }
-        let callbacks: Vec<PatchCallback> = m
+        let callbacks = m
             .callbacks
             .iter()
-            .map(|c| PatchCallback {
-                kind: c.kind,
-                name: c.name.clone(),
-                addr: linked.addr_of(c.load_idx, c.offset),
-                limit_ms: c.limit.as_millis() as u64,
+            .map(|c| {
+                Ok(PatchCallback {
+                    kind: c.kind,
+                    name: c.name.clone(),
+                    addr: linked
+                        .addr_of(c.load_idx, c.offset)
+                        .ok_or_else(|| outside(&c.entry, c.load_idx, c.offset))?,
+                    limit_ms: c.limit.as_millis() as u64,
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, ApplyError>>()?;
         // Copy code and data in; nothing executes it until the jumps exist.
         g.write(base, &linked.image)?;
         if let Some((at, meta, _)) = &reg {
             g.write(*at, meta)?;
         }
-        let id = self.next_id;
+        let id = self.mgr.next_id;
         let image = (base, base + image_size);
         // With thread callbacks, the tasks still in old code are found in the same pause.
         let watch: Vec<(u64, u64, String)> = if callbacks.iter().any(|c| c.kind == CallbackKind::Thread) {
@@ -211,19 +242,27 @@ impl Manager {
                 watch: &watch,
                 register: reg.as_ref().map(|(at, _, info)| (*at, info)),
             },
-        )?;
-        self.next_id += 1;
+        )
+        .inspect_err(|e| {
+            // Some jump may still lead into the image: never reuse it.
+            if matches!(e, ApplyError::Inconsistent { .. }) {
+                self.taken = true;
+            }
+        })?;
+        // The jumps are in: the memory is the patch's from here on, whatever happens.
+        self.taken = true;
+        self.mgr.next_id += 1;
         for d in &mut data {
             d.protected = true;
         }
         for f in &funcs {
-            self.sites.entry(f.site).or_default().push(id);
+            self.mgr.sites.entry(f.site).or_default().push(id);
         }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        self.patches.push(Patch {
+        self.mgr.patches.push(Patch {
             id,
             name: m.name.clone(),
             description: m.description.clone(),
@@ -245,29 +284,35 @@ impl Manager {
             transition_started: Some(Instant::now()),
         });
         info!("patch {id} '{}' applied: vCPUs paused {pause:?}", m.name);
-        if let Err(what) = self.run_callbacks(g, id, CallbackKind::Apply, None) {
-            return Err(self.abort(g, id, what));
+        if let Err(what) = self.mgr.run_callbacks(g, id, CallbackKind::Apply, None) {
+            return Err(self.mgr.abort(g, id, what));
         }
         // First commit check right away. The jumps are live, so a failed check (a pause
         // timeout, an unreadable task list) is not an apply failure: the patch stays in
         // transition and the re-check thread tries again.
-        match self.check(g, id) {
+        match self.mgr.check(g, id) {
             Ok(_) => {}
             Err(e @ ApplyError::CallbackAborted { .. }) => return Err(e),
             Err(e) => {
                 warn!("patch {id}: first commit check failed: {e}; it stays in transition");
-                if let Ok(p) = self.get_mut(id) {
+                if let Ok(p) = self.mgr.get_mut(id) {
                     p.warnings.push(format!("first commit check failed: {e}"));
                 }
             }
         }
         Ok(id)
     }
+}
 
-    fn jump_of(&self, id: u32, site: u64) -> Option<Vec<u8>> {
-        let p = self.patches.iter().find(|p| p.id == id)?;
-        p.funcs.iter().find(|f| f.site == site).map(|f| f.jump.clone())
-    }
+/// The error for a module place that is not inside the linked image (which [`link::link`]
+/// rules out).
+fn outside(name: &str, load_idx: usize, offset: u64) -> ApplyError {
+    ApplyError::Link(link::LinkError::OutsideSection {
+        name: name.into(),
+        section: format!("#{load_idx}"),
+        offset,
+        size: 0,
+    })
 }
 
 /// Where a patch goes in the patch region.

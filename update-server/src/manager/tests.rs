@@ -31,6 +31,8 @@ struct FakeGuest {
     fail_tasks: std::sync::atomic::AtomicBool,
     /// Writes touching this address fail (0: none do).
     fail_write_at: AtomicU64,
+    /// `cpu_caps()` panics (a bug anywhere in an apply).
+    panic_in_caps: bool,
 }
 
 const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
@@ -126,6 +128,7 @@ impl Guest for FakeGuest {
         Ok(())
     }
     fn cpu_caps(&self) -> Result<Vec<u32>, GuestError> {
+        assert!(!self.panic_in_caps, "injected panic");
         Ok(vec![0; 24])
     }
     fn unprotect(&self, owner: &str) -> Result<(), GuestError> {
@@ -622,4 +625,37 @@ fn old_rolled_back_records_are_pruned() {
     assert_eq!(ids.len(), 17, "{ids:?}");
     assert!(ids.contains(&5), "a live patch is never pruned: {ids:?}");
     assert_eq!(ids[1..], (25..=40).collect::<Vec<_>>()[..], "the newest are kept");
+}
+
+/// Every failed apply gives its patch-region memory back: on an error, and when a panic
+/// unwinds through it (the manager's lock is taken over after a panic, so a leak there
+/// used to shrink the region for good).
+#[test]
+fn a_failed_or_panicking_apply_frees_its_memory() {
+    let region = 4 * crate::alloc::PAGE;
+    let mut g = apply_guest();
+    g.region = Some(PatchRegion {
+        va: REGION,
+        size: region,
+    });
+    g.panic_in_caps = true;
+    let m = module_for(&["f1"], false);
+    let mut mgr = Manager::new(&g);
+    for _ in 0..3 {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| mgr.apply(&g, &m)));
+        assert!(r.is_err(), "the injected panic unwinds");
+        assert_eq!(mgr.alloc.free_bytes(), region, "nothing leaked");
+    }
+    // An error after the allocation (the old function does not start with ftrace's NOP).
+    g.panic_in_caps = false;
+    g.write(F1, &[0x90; 5]).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(mgr.apply(&g, &m), Err(ApplyError::RunPre(_))));
+        assert_eq!(mgr.alloc.free_bytes(), region);
+    }
+    // With the NOP there, the patch goes in and keeps its memory.
+    g.write(F1, &FTRACE_NOP).unwrap();
+    let id = mgr.apply(&g, &m).unwrap();
+    assert_eq!(mgr.alloc.free_bytes(), region - crate::alloc::PAGE);
+    assert_eq!(mgr.get(id).unwrap().state, PatchState::Committed);
 }
