@@ -66,7 +66,7 @@ fn measure(store: bool, protect: bool, n: u64, runs: usize) -> Result<Duration, 
             match m.vcpu.run() {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     let data = data.to_vec();
-                    if !wp.on_write(&m.mem, 0, 0, addr, &data) {
+                    if !wp.on_write(&m.mem, &m.vcpu, 0, addr, &data) {
                         return Err(format!("unexpected MMIO write at {addr:#x}"));
                     }
                 }

@@ -5,6 +5,14 @@
 //! performs the write into guest RAM and resumes the vCPU, which has already retired the
 //! instruction.
 //!
+//! Atomicity: KVM emulates a locked read-modify-write on such a page as a read, then an
+//! exit with the result, while the other vCPUs run. Since guest writes to protected pages
+//! all exit, their contents change only when the VMM stores; [`WriteProtect::on_write`]
+//! stores under one lock and redoes locked read-modify-writes (`lock add`, `xchg`,
+//! `cmpxchg`, ...) on the value read under it ([`crate::rmw`]), fixing the registers and
+//! flags KVM computed from its stale read. Every trapped write is thus one atomic step
+//! between the stores of all vCPUs, and the lock (a full barrier) orders it.
+//!
 //! - [`layout`] splits the RAM regions into read-write and read-only slots (pure).
 //! - [`MemSlots`] applies a layout to KVM, all or nothing: on a failure it puts the previous
 //!   layout back, and reports [`ProtectError::Hole`] (fatal for the VM) if even that fails.
@@ -13,16 +21,18 @@
 //! - [`WriteProtect`] is what the vCPU threads consult on an MMIO write: the protected
 //!   ranges, their owners and fault counts.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use log::{debug, error, warn};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::arch::x86_64::PAGE_SIZE;
+use crate::introspect::pagewalk;
 use crate::memory::GuestMem;
+use crate::rmw::{self, Access};
 
 /// Why a range cannot be write-protected or unprotected.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -350,6 +360,19 @@ pub struct WriteProtect {
     slots: MemSlots,
     active: AtomicBool,
     ranges: Mutex<Vec<Range>>,
+    /// Held while a trapped write reads the current value and stores: every store to a
+    /// protected page happens under it, so each trapped write is atomic.
+    stores: Mutex<()>,
+    /// Trapped writes whose instruction was not identified, or could not be redone.
+    unidentified: AtomicU64,
+}
+
+/// Logs `what` the 1st, 2nd, 4th, 8th... time `count` is bumped.
+fn warn_sometimes(count: &AtomicU64, what: impl FnOnce() -> String) {
+    let n = count.fetch_add(1, Ordering::Relaxed) + 1;
+    if n.is_power_of_two() {
+        warn!("{} ({n} so far)", what());
+    }
 }
 
 impl WriteProtect {
@@ -359,6 +382,8 @@ impl WriteProtect {
             slots,
             active: AtomicBool::new(false),
             ranges: Mutex::new(Vec::new()),
+            stores: Mutex::new(()),
+            unidentified: AtomicU64::new(0),
         }
     }
 
@@ -431,10 +456,12 @@ impl WriteProtect {
                 .any(|r| gpa >= r.start && gpa < r.end)
     }
 
-    /// Called by a vCPU thread on KVM_EXIT_MMIO (write). Returns false if `gpa` is not
-    /// protected (a real MMIO write). Otherwise runs the handler, stores what it returns
-    /// and counts the fault.
-    pub fn on_write(&self, mem: &GuestMem, vcpu: u8, rip: u64, gpa: u64, data: &[u8]) -> bool {
+    /// Called by a vCPU thread on KVM_EXIT_MMIO (write), before the vCPU runs or parks
+    /// again. Returns false if `gpa` is not protected (a real MMIO write). Otherwise
+    /// identifies the writing instruction, redoes it on the current value under the store
+    /// lock if it is a read-modify-write (fixing `cpu`'s registers and flags), runs the
+    /// handler on what is to be stored, stores its result and counts the fault.
+    pub fn on_write(&self, mem: &GuestMem, cpu: &VcpuFd, vcpu: u8, gpa: u64, data: &[u8]) -> bool {
         if !self.active.load(Ordering::Acquire) {
             return false;
         }
@@ -445,19 +472,110 @@ impl WriteProtect {
                 None => return false,
             }
         };
-        let fault = WriteFault {
-            gpa,
-            data: data.to_vec(),
-            vcpu,
-            rip,
+        let size = data.len();
+        let state = match (cpu.get_regs(), cpu.get_sregs()) {
+            (Ok(r), Ok(s)) => Some((r, rmw::Cpu::from_kvm(&r, &s), s.cr3)),
+            _ => None,
         };
-        let out = handler(&fault);
-        faults.fetch_add(1, Ordering::Relaxed);
-        if mem.write_slice(&out, GuestAddress(gpa)).is_err() {
-            log::warn!("vcpu{vcpu}: completing a protected write at {gpa:#x} failed");
+        let (mut regs, mut st, access) = match state {
+            Some((r, st, cr3)) if matches!(size, 1 | 2 | 4 | 8) => {
+                let access = match identify(mem, &st, cr3, gpa, size) {
+                    Some(insn) => rmw::classify(&insn, &st),
+                    None => {
+                        warn_sometimes(&self.unidentified, || {
+                            format!(
+                                "vcpu{vcpu}: no instruction before RIP {:#x} writes {gpa:#x}: stored as written",
+                                st.rip
+                            )
+                        });
+                        Access::Store
+                    }
+                };
+                (r, st, access)
+            }
+            _ => {
+                warn_sometimes(&self.unidentified, || {
+                    format!("vcpu{vcpu}: {size}-byte write at {gpa:#x} (or its registers) cannot be redone: stored as written")
+                });
+                (Default::default(), Default::default(), Access::Store)
+            }
+        };
+        if let Access::Unsupported(m) = access {
+            warn_sometimes(&self.unidentified, || {
+                format!(
+                    "vcpu{vcpu}: {m:?} at RIP {:#x} on protected {gpa:#x} cannot be redone atomically",
+                    st.rip
+                )
+            });
         }
+        let mut kvm = [0u8; 8];
+        kvm[..size.min(8)].copy_from_slice(&data[..size.min(8)]);
+        let redo = {
+            let _stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
+            let mut cur = [0u8; 8];
+            let read = access == Access::Store || mem.read_slice(&mut cur[..size], GuestAddress(gpa)).is_ok();
+            let access = if read { access } else { Access::Store };
+            let redo = rmw::redo(
+                access,
+                size as u32,
+                u64::from_le_bytes(cur),
+                u64::from_le_bytes(kvm),
+                &mut st,
+            );
+            let bytes = match (access, redo.store) {
+                (Access::Store, _) | (Access::Unsupported(_), _) => Some(data.to_vec()),
+                (_, Some(v)) => Some(v.to_le_bytes()[..size].to_vec()),
+                (_, None) => None,
+            };
+            if let Some(bytes) = bytes {
+                let fault = WriteFault {
+                    gpa,
+                    data: bytes,
+                    vcpu,
+                    rip: st.rip,
+                };
+                let out = handler(&fault);
+                if mem.write_slice(&out, GuestAddress(gpa)).is_err() {
+                    warn!("vcpu{vcpu}: completing a protected write at {gpa:#x} failed");
+                }
+            }
+            // The instruction was locked: nothing of this vCPU's later may pass the store.
+            fence(Ordering::SeqCst);
+            redo
+        };
+        if redo.regs_changed {
+            st.store_into(&mut regs);
+            if let Err(e) = cpu.set_regs(&regs) {
+                error!("vcpu{vcpu}: KVM_SET_REGS after redoing a write at {gpa:#x} failed: {e}");
+            }
+        }
+        faults.fetch_add(1, Ordering::Relaxed);
         true
     }
+}
+
+/// The instruction before RIP that wrote `size` bytes at `gpa` (see [`rmw::identify`]),
+/// reading its bytes and translating its address through the page tables at `cr3`.
+fn identify(mem: &GuestMem, st: &rmw::Cpu, cr3: u64, gpa: u64, size: usize) -> Option<iced_x86::Instruction> {
+    let translate = |va: u64| pagewalk::translate(mem, cr3, va).ok().map(|t| t.gpa);
+    let mut code = [0u8; rmw::MAX_INSN_LEN];
+    let start = st.rip.wrapping_sub(code.len() as u64);
+    // Read page by page, backwards from RIP: stop at the first unmapped page.
+    let mut first = code.len();
+    while first > 0 {
+        let va = start.wrapping_add(first as u64 - 1);
+        let page_lo = (va & !(PAGE_SIZE - 1)).max(start);
+        let from = (page_lo - start) as usize;
+        let Some(pa) = translate(page_lo) else { break };
+        if mem.read_slice(&mut code[from..first], GuestAddress(pa)).is_err() {
+            break;
+        }
+        first = from;
+    }
+    if first == code.len() {
+        return None;
+    }
+    rmw::identify(&code[first..], st, gpa, size, translate)
 }
 
 /// A handler that stores the guest's write unchanged.

@@ -160,6 +160,7 @@ impl guestcall::CallVcpu for Vcpu {
             return CallExit::Stopping;
         }
         let next = self.run_once();
+        let next = self.complete_write(next);
         self.park_if_requested();
         match next {
             Next::CallPort(port) => CallExit::Port(port),
@@ -197,7 +198,7 @@ enum Next {
     /// An `out` to a guest-call port (meaningful only during a call).
     CallPort(u16),
     /// A guest write to a write-protected page, completed once the exit's borrow ends
-    /// (the handler gets the writer's RIP).
+    /// ([`Vcpu::complete_write`]).
     ProtectedWrite {
         addr: u64,
         data: Vec<u8>,
@@ -227,6 +228,7 @@ impl Vcpu {
         KVM_RUN_PTR.with(|c| c.set(p));
         while !self.shared.stop.load(Ordering::Acquire) {
             let next = self.run_once();
+            let next = self.complete_write(next);
             self.shared.quirks.after_exit(&self.shared.mem, &self.fd);
             self.park_if_requested();
             if !self.dispatch(next) {
@@ -248,21 +250,29 @@ impl Vcpu {
         }
     }
 
+    /// Completes a write to a write-protected page at once, before the vCPU can park: a
+    /// pause must never find a trapped write half done (its registers not yet fixed, its
+    /// value not yet stored or converted). Other exits are returned as they are.
+    fn complete_write(&self, next: Next) -> Next {
+        let Next::ProtectedWrite { addr, data } = next else {
+            return next;
+        };
+        let shared = &self.shared;
+        if !shared.protect.on_write(&shared.mem, &self.fd, self.id, addr, &data) {
+            // Unprotected meanwhile: the page is plain RAM again.
+            let _ = vm_memory::Bytes::write_slice(&shared.mem, &data, vm_memory::GuestAddress(addr));
+        }
+        Next::Continue
+    }
+
     /// Acts on an exit. Returns false when the vCPU must stop.
     fn dispatch(&mut self, next: Next) -> bool {
         match next {
             Next::Continue => {}
             Next::CallPort(port) => debug!("vcpu{}: out to guest-call port {port:#x} outside a call", self.id),
-            Next::ProtectedWrite { addr, data } => {
-                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                if !self
-                    .shared
-                    .protect
-                    .on_write(&self.shared.mem, self.id, rip, addr, &data)
-                {
-                    // Unprotected meanwhile: the page is plain RAM again.
-                    let _ = vm_memory::Bytes::write_slice(&self.shared.mem, &data, vm_memory::GuestAddress(addr));
-                }
+            Next::ProtectedWrite { .. } => {
+                let next = self.complete_write(next);
+                debug_assert!(matches!(next, Next::Continue));
             }
             Next::Stop => return false,
             Next::InternalError { suberror } => return self.handle_internal_error(suberror),
