@@ -445,6 +445,11 @@ impl WriteProtect {
         self.slots.slots().into_iter().filter(|s| s.readonly).collect()
     }
 
+    /// Whether any page is protected now.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+
     /// Whether `gpa` is in a protected range (cheap when nothing is protected).
     pub fn covers(&self, gpa: u64) -> bool {
         self.active.load(Ordering::Acquire)
@@ -461,7 +466,11 @@ impl WriteProtect {
     /// identifies the writing instruction, redoes it on the current value under the store
     /// lock if it is a read-modify-write (fixing `cpu`'s registers and flags), runs the
     /// handler on what is to be stored, stores its result and counts the fault.
-    pub fn on_write(&self, mem: &GuestMem, cpu: &VcpuFd, vcpu: u8, gpa: u64, data: &[u8]) -> bool {
+    ///
+    /// With `synced`, the registers are read from `cpu`'s kvm_run (KVM copied them there at
+    /// the exit: [`request_sync_regs`]) instead of with KVM_GET_REGS and KVM_GET_SREGS;
+    /// registers to fix are written back with KVM_SET_REGS.
+    pub fn on_write(&self, mem: &GuestMem, cpu: &VcpuFd, synced: bool, vcpu: u8, gpa: u64, data: &[u8]) -> bool {
         if !self.active.load(Ordering::Acquire) {
             return false;
         }
@@ -473,9 +482,14 @@ impl WriteProtect {
             }
         };
         let size = data.len();
-        let state = match (cpu.get_regs(), cpu.get_sregs()) {
-            (Ok(r), Ok(s)) => Some((r, rmw::Cpu::from_kvm(&r, &s), s.cr3)),
-            _ => None,
+        let state = if synced {
+            let s = cpu.sync_regs();
+            Some((s.regs, rmw::Cpu::from_kvm(&s.regs, &s.sregs), s.sregs.cr3))
+        } else {
+            match (cpu.get_regs(), cpu.get_sregs()) {
+                (Ok(r), Ok(s)) => Some((r, rmw::Cpu::from_kvm(&r, &s), s.cr3)),
+                _ => None,
+            }
         };
         let (mut regs, mut st, access) = match state {
             Some((r, st, cr3)) if matches!(size, 1 | 2 | 4 | 8) => {
@@ -508,6 +522,7 @@ impl WriteProtect {
                 )
             });
         }
+        let as_kvm_left_it = st;
         let mut kvm = [0u8; 8];
         kvm[..size.min(8)].copy_from_slice(&data[..size.min(8)]);
         let redo = {
@@ -543,7 +558,8 @@ impl WriteProtect {
             fence(Ordering::SeqCst);
             redo
         };
-        if redo.regs_changed {
+        // Unchanged unless another vCPU stored between KVM's read and ours.
+        if redo.regs_changed && st != as_kvm_left_it {
             st.store_into(&mut regs);
             if let Err(e) = cpu.set_regs(&regs) {
                 error!("vcpu{vcpu}: KVM_SET_REGS after redoing a write at {gpa:#x} failed: {e}");
@@ -551,6 +567,27 @@ impl WriteProtect {
         }
         faults.fetch_add(1, Ordering::Relaxed);
         true
+    }
+}
+
+/// Whether this KVM can copy the general and system registers into kvm_run at every exit
+/// (`KVM_CAP_SYNC_REGS`), which saves a trapped write two ioctls.
+pub fn sync_regs_supported(vm: &VmFd) -> bool {
+    let want = (kvm_bindings::KVM_SYNC_X86_REGS | kvm_bindings::KVM_SYNC_X86_SREGS) as i32;
+    vm.check_extension_int(kvm_ioctls::Cap::SyncRegs) & want == want
+}
+
+/// Asks KVM to copy (`on`) or not the general and system registers into `cpu`'s kvm_run at
+/// each exit, for [`WriteProtect::on_write`] with `synced`. Only reading: the registers
+/// are never marked dirty, so a later KVM_SET_REGS (a guest call) is not overridden.
+pub fn request_sync_regs(cpu: &mut VcpuFd, on: bool) {
+    use kvm_ioctls::SyncReg;
+    for r in [SyncReg::Register, SyncReg::SystemRegister] {
+        if on {
+            cpu.set_sync_valid_reg(r);
+        } else {
+            cpu.clear_sync_valid_reg(r);
+        }
     }
 }
 

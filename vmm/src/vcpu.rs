@@ -72,6 +72,9 @@ pub struct VcpuShared {
     pub quirks: crate::quirks::Quirks,
     /// Write-protected guest pages (data patches).
     pub protect: crate::protect::WriteProtect,
+    /// KVM can copy registers into kvm_run at exits ([`crate::protect::sync_regs_supported`]):
+    /// vCPUs ask for it while pages are protected, so a trapped write needs no ioctl to read them.
+    pub sync_regs: bool,
     /// Guest calls waiting for their vCPU.
     pub calls: CallMailbox,
     /// Where the VM's patch region lies.
@@ -190,6 +193,8 @@ pub struct Vcpu {
     /// The KVM vCPU.
     pub fd: VcpuFd,
     shared: Arc<VcpuShared>,
+    /// KVM copies the registers into kvm_run at each exit (asked while pages are protected).
+    synced: bool,
 }
 
 /// What a VM exit asks the loop to do after the kvm_run borrow ends.
@@ -213,7 +218,12 @@ enum Next {
 impl Vcpu {
     /// vCPU `id` over `fd`; nothing runs until [`spawn`](Self::spawn).
     pub fn new(id: u8, fd: VcpuFd, shared: Arc<VcpuShared>) -> Self {
-        Self { id, fd, shared }
+        Self {
+            id,
+            fd,
+            shared,
+            synced: false,
+        }
     }
 
     /// Starts the vCPU thread.
@@ -258,7 +268,10 @@ impl Vcpu {
             return next;
         };
         let shared = &self.shared;
-        if !shared.protect.on_write(&shared.mem, &self.fd, self.id, addr, &data) {
+        if !shared
+            .protect
+            .on_write(&shared.mem, &self.fd, self.synced, self.id, addr, &data)
+        {
             // Unprotected meanwhile: the page is plain RAM again.
             let _ = vm_memory::Bytes::write_slice(&shared.mem, &data, vm_memory::GuestAddress(addr));
         }
@@ -330,6 +343,11 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) -> Next {
+        let want = self.shared.sync_regs && self.shared.protect.is_active();
+        if want != self.synced {
+            crate::protect::request_sync_regs(&mut self.fd, want);
+            self.synced = want;
+        }
         let id = self.id;
         let shared = &self.shared;
         match self.fd.run() {

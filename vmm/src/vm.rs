@@ -331,6 +331,7 @@ impl Vm {
             pause: PauseControl::new(config.vcpus as usize),
             quirks,
             protect,
+            sync_regs: crate::protect::sync_regs_supported(&vm),
             calls: vcpu::CallMailbox::new(config.vcpus as usize),
             patch_region: region,
         });

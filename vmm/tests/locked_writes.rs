@@ -18,7 +18,7 @@ use common::smp::{self, VcpuEnd};
 use iced_x86::code_asm::*;
 use kvm_ioctls::VcpuFd;
 use lucos_vmm::microvm::MicroVm;
-use lucos_vmm::protect::{pass_through, MemSlots, WriteProtect};
+use lucos_vmm::protect::{pass_through, request_sync_regs, sync_regs_supported, MemSlots, WriteProtect};
 use vm_memory::{Bytes, GuestAddress};
 
 /// The protected page.
@@ -44,8 +44,13 @@ fn race(code: &[u8], iters: u64, init: &[(u64, u64)]) -> (MicroVm, Vec<VcpuEnd>,
     }
     let wp = WriteProtect::new(MemSlots::new(m.vm.clone(), &m.mem));
     let faults = wp.protect(P, 8, "test", pass_through()).unwrap();
+    // vCPU 0 reads its registers from kvm_run (as lucos-vmm's vCPUs do where KVM can),
+    // vCPU 1 with ioctls.
+    let synced = sync_regs_supported(&m.vm);
+    request_sync_regs(&mut m.vcpu, synced);
+    eprintln!("vCPU 0 reads registers from kvm_run (KVM_CAP_SYNC_REGS): {synced}");
     let mem = m.mem.clone();
-    let on_write = |v: &VcpuFd, id: u8, gpa: u64, data: &[u8]| wp.on_write(&mem, v, id, gpa, data);
+    let on_write = |v: &VcpuFd, id: u8, gpa: u64, data: &[u8]| wp.on_write(&mem, v, synced && id == 0, id, gpa, data);
     let ends = smp::run(&mut [&mut m.vcpu, &mut second], LIMIT, &on_write);
     let n = faults.load(Ordering::Relaxed);
     (m, ends, n)
