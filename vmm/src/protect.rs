@@ -365,6 +365,8 @@ pub struct WriteProtect {
     stores: Mutex<()>,
     /// Trapped writes whose instruction was not identified, or could not be redone.
     unidentified: AtomicU64,
+    /// Finds the instruction behind a trapped write, remembering what it found.
+    identifier: Mutex<rmw::Identifier>,
 }
 
 /// Logs `what` the 1st, 2nd, 4th, 8th... time `count` is bumped.
@@ -384,6 +386,7 @@ impl WriteProtect {
             ranges: Mutex::new(Vec::new()),
             stores: Mutex::new(()),
             unidentified: AtomicU64::new(0),
+            identifier: Mutex::new(rmw::Identifier::new()),
         }
     }
 
@@ -493,7 +496,7 @@ impl WriteProtect {
         };
         let (mut regs, mut st, access) = match state {
             Some((r, st, cr3)) if matches!(size, 1 | 2 | 4 | 8) => {
-                let access = match identify(mem, &st, cr3, gpa, size) {
+                let access = match self.identify(mem, &st, cr3, gpa, size) {
                     Some(insn) => rmw::classify(&insn, &st),
                     None => {
                         warn_sometimes(&self.unidentified, || {
@@ -568,6 +571,40 @@ impl WriteProtect {
         faults.fetch_add(1, Ordering::Relaxed);
         true
     }
+
+    /// The instruction before RIP that wrote `size` bytes at `gpa` (see [`rmw::identify`]),
+    /// reading its bytes and translating its address through the page tables at `cr3`.
+    fn identify(
+        &self,
+        mem: &GuestMem,
+        st: &rmw::Cpu,
+        cr3: u64,
+        gpa: u64,
+        size: usize,
+    ) -> Option<iced_x86::Instruction> {
+        let translate = |va: u64| pagewalk::translate(mem, cr3, va).ok().map(|t| t.gpa);
+        let mut code = [0u8; rmw::MAX_INSN_LEN];
+        let start = st.rip.wrapping_sub(code.len() as u64);
+        // Read page by page, backwards from RIP: stop at the first unmapped page.
+        let mut first = code.len();
+        while first > 0 {
+            let va = start.wrapping_add(first as u64 - 1);
+            let page_lo = (va & !(PAGE_SIZE - 1)).max(start);
+            let from = (page_lo - start) as usize;
+            let Some(pa) = translate(page_lo) else { break };
+            if mem.read_slice(&mut code[from..first], GuestAddress(pa)).is_err() {
+                break;
+            }
+            first = from;
+        }
+        if first == code.len() {
+            return None;
+        }
+        self.identifier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .identify(&code[first..], st, gpa, size, translate)
+    }
 }
 
 /// Whether this KVM can copy the general and system registers into kvm_run at every exit
@@ -589,30 +626,6 @@ pub fn request_sync_regs(cpu: &mut VcpuFd, on: bool) {
             cpu.clear_sync_valid_reg(r);
         }
     }
-}
-
-/// The instruction before RIP that wrote `size` bytes at `gpa` (see [`rmw::identify`]),
-/// reading its bytes and translating its address through the page tables at `cr3`.
-fn identify(mem: &GuestMem, st: &rmw::Cpu, cr3: u64, gpa: u64, size: usize) -> Option<iced_x86::Instruction> {
-    let translate = |va: u64| pagewalk::translate(mem, cr3, va).ok().map(|t| t.gpa);
-    let mut code = [0u8; rmw::MAX_INSN_LEN];
-    let start = st.rip.wrapping_sub(code.len() as u64);
-    // Read page by page, backwards from RIP: stop at the first unmapped page.
-    let mut first = code.len();
-    while first > 0 {
-        let va = start.wrapping_add(first as u64 - 1);
-        let page_lo = (va & !(PAGE_SIZE - 1)).max(start);
-        let from = (page_lo - start) as usize;
-        let Some(pa) = translate(page_lo) else { break };
-        if mem.read_slice(&mut code[from..first], GuestAddress(pa)).is_err() {
-            break;
-        }
-        first = from;
-    }
-    if first == code.len() {
-        return None;
-    }
-    rmw::identify(&code[first..], st, gpa, size, translate)
 }
 
 /// A handler that stores the guest's write unchanged.

@@ -19,6 +19,8 @@
 //! Every lockable read-modify-write is redone whether or not it has a LOCK prefix: doing an
 //! unlocked one atomically is one of its allowed outcomes.
 
+use std::collections::HashMap;
+
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
@@ -194,29 +196,92 @@ pub fn identify(
     len: usize,
     translate: impl Fn(u64) -> Option<u64>,
 ) -> Option<Instruction> {
-    let mut info = InstructionInfoFactory::new();
-    let n = code.len().min(MAX_INSN_LEN);
-    for k in (1..=n).rev() {
+    Identifier::new().identify(code, cpu, gpa, len, translate)
+}
+
+/// Cached entries of an [`Identifier`] before it starts afresh.
+const SEEN_MAX: usize = 4096;
+
+/// [`identify`] with a memory: for each RIP, the code bytes before it and the length of the
+/// instruction found there. When the bytes are the same, that candidate is checked first
+/// (one decode instead of up to 15).
+pub struct Identifier {
+    info: InstructionInfoFactory,
+    seen: HashMap<u64, (Vec<u8>, usize)>,
+}
+
+impl Default for Identifier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Identifier {
+    /// An identifier that has seen nothing.
+    pub fn new() -> Self {
+        Self {
+            info: InstructionInfoFactory::new(),
+            seen: HashMap::new(),
+        }
+    }
+
+    /// See [`identify`].
+    pub fn identify(
+        &mut self,
+        code: &[u8],
+        cpu: &Cpu,
+        gpa: u64,
+        len: usize,
+        translate: impl Fn(u64) -> Option<u64>,
+    ) -> Option<Instruction> {
+        let code = &code[code.len().saturating_sub(MAX_INSN_LEN)..];
+        if let Some((bytes, k)) = self.seen.get(&cpu.rip) {
+            if bytes == code {
+                if let Some(insn) = self.candidate(code, *k, cpu, gpa, len, &translate) {
+                    return Some(insn);
+                }
+            }
+        }
+        for k in (1..=code.len()).rev() {
+            if let Some(insn) = self.candidate(code, k, cpu, gpa, len, &translate) {
+                if self.seen.len() >= SEEN_MAX {
+                    self.seen.clear();
+                }
+                self.seen.insert(cpu.rip, (code.to_vec(), k));
+                return Some(insn);
+            }
+        }
+        None
+    }
+
+    /// The instruction of `k` bytes ending at RIP, if it wrote `len` bytes at `gpa`.
+    fn candidate(
+        &mut self,
+        code: &[u8],
+        k: usize,
+        cpu: &Cpu,
+        gpa: u64,
+        len: usize,
+        translate: &impl Fn(u64) -> Option<u64>,
+    ) -> Option<Instruction> {
         let start = cpu.rip.wrapping_sub(k as u64);
         let mut d = Decoder::with_ip(cpu.bitness, &code[code.len() - k..], start, DecoderOptions::NONE);
         let insn = d.decode();
         if insn.is_invalid() || insn.len() != k {
-            continue;
+            return None;
         }
-        let Some(op) = memory_operand(&insn) else { continue };
-        let size = insn.memory_size().size();
-        if size != len {
-            continue;
+        let op = memory_operand(&insn)?;
+        if insn.memory_size().size() != len {
+            return None;
         }
-        if !info.info(&insn).used_memory().iter().any(|m| writes(m.access())) {
-            continue;
+        if !self.info.info(&insn).used_memory().iter().any(|m| writes(m.access())) {
+            return None;
         }
-        match access_address(&insn, op, cpu, &mut info) {
-            Some(ea) if translate(ea) != Some(gpa) => continue,
-            _ => return Some(insn),
+        match access_address(&insn, op, cpu, &mut self.info) {
+            Some(ea) if translate(ea) != Some(gpa) => None,
+            _ => Some(insn),
         }
     }
-    None
 }
 
 /// An ALU read-modify-write.
@@ -538,6 +603,33 @@ mod tests {
         assert!(last(&code, &mut cpu, 8).is_none());
         cpu.gpr[3] = PAGE + 8;
         assert!(last(&code, &mut cpu, 4).is_none());
+    }
+
+    #[test]
+    fn remembered_lengths_are_rechecked() {
+        let mut cpu = Cpu::default();
+        cpu.gpr[3] = PAGE; // rbx
+        let code = asm(|a| {
+            a.nop().unwrap();
+            a.lock().xadd(qword_ptr(rbx + 0x10), rcx).unwrap();
+        });
+        cpu.rip = 0x8000 + code.len() as u64;
+        cpu.bitness = 64;
+        let mut id = Identifier::new();
+        let first = id.identify(&code, &cpu, PAGE + 0x10, 8, Some).unwrap();
+        assert_eq!(id.identify(&code, &cpu, PAGE + 0x10, 8, Some), Some(first));
+        // Same bytes, another address: the remembered candidate no longer fits.
+        assert!(id.identify(&code, &cpu, PAGE + 0x18, 8, Some).is_none());
+        // Other bytes at the same RIP: searched afresh.
+        let other = asm(|a| {
+            for _ in 0..3 {
+                a.nop().unwrap();
+            }
+            a.mov(qword_ptr(rbx + 0x10), rcx).unwrap();
+        });
+        assert_eq!(other.len(), code.len());
+        let insn = id.identify(&other, &cpu, PAGE + 0x10, 8, Some).unwrap();
+        assert_eq!(classify(&insn, &cpu), Access::Store);
     }
 
     #[test]
