@@ -510,11 +510,13 @@ impl WriteProtect {
                 };
                 (r, st, access)
             }
-            _ => {
+            other => {
                 warn_sometimes(&self.unidentified, || {
                     format!("vcpu{vcpu}: {size}-byte write at {gpa:#x} (or its registers) cannot be redone: stored as written")
                 });
-                (Default::default(), Default::default(), Access::Store)
+                // The handler still gets the writer's RIP where it is known.
+                let (r, st) = other.map(|(r, st, _)| (r, st)).unwrap_or_default();
+                (r, st, Access::Store)
             }
         };
         if let Access::Unsupported(m) = access {
@@ -531,7 +533,8 @@ impl WriteProtect {
         let redo = {
             let _stores = self.stores.lock().unwrap_or_else(|e| e.into_inner());
             let mut cur = [0u8; 8];
-            let read = access == Access::Store || mem.read_slice(&mut cur[..size], GuestAddress(gpa)).is_ok();
+            let read = matches!(access, Access::Store | Access::Unsupported(_))
+                || mem.read_slice(&mut cur[..size], GuestAddress(gpa)).is_ok();
             let access = if read { access } else { Access::Store };
             let redo = rmw::redo(
                 access,
