@@ -276,3 +276,104 @@ fn spinlocks_on_a_protected_page() {
     assert_eq!(q(&m, P + 0x50), 2 * n, "bts lock");
     assert_eq!((d(&m, P), d(&m, P + 8), d(&m, P + 0x10)), (0, 0, 0), "locks free");
 }
+
+/// lucos-vmm's own vCPU threads (`vcpu::Vcpu`) race on the page while the host pauses
+/// them again and again and, in each pause, adds to the counters as a data patch's
+/// conversion does, then drops or restores the protection. A trapped write must be
+/// complete before its vCPU parks: one still pending when the pause unprotects the page
+/// would be stored afterwards as KVM computed it, from a value read before the pause.
+#[test]
+fn pauses_never_split_a_trapped_write() {
+    use lucos_vmm::devices::Bus;
+    use lucos_vmm::layout::PatchRegion;
+    use lucos_vmm::pause::PauseControl;
+    use lucos_vmm::vcpu::{self, CallMailbox, Vcpu, VcpuShared};
+    use std::os::unix::thread::JoinHandleExt;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    const BUMP: u64 = 1_000_000;
+    let n = smp::iterations(20000);
+    let code = smp::program(|a, _, _| {
+        a.lock().inc(qword_ptr(P)).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.lock().xadd(qword_ptr(P + 8), rax).unwrap();
+    });
+    let (m, second) = smp::start(&code, n);
+    let MicroVm {
+        vm, mem, vcpu: first, ..
+    } = m;
+    let wp = WriteProtect::new(MemSlots::new(vm.clone(), &mem));
+    wp.protect(P, 8, "test", pass_through()).unwrap();
+    let (events, _events_rx) = std::sync::mpsc::channel();
+    let shared = Arc::new(VcpuShared {
+        mem: mem.clone(),
+        pio: Bus::pio(),
+        mmio: Bus::mmio(),
+        vsock_listener: None,
+        events,
+        stop: AtomicBool::new(false),
+        symbols: None,
+        pause: PauseControl::new(2),
+        quirks: Default::default(),
+        protect: wp,
+        sync_regs: sync_regs_supported(&vm),
+        calls: CallMailbox::new(2),
+        patch_region: PatchRegion { gpa: 0, va: 0 },
+    });
+    vcpu::register_kick_handler().unwrap();
+    let threads: Vec<_> = [first, second]
+        .into_iter()
+        .enumerate()
+        .map(|(id, fd)| Vcpu::new(id as u8, fd, shared.clone()).spawn().unwrap())
+        .collect();
+    shared
+        .pause
+        .set_threads(threads.iter().map(|h| h.as_pthread_t() as libc::pthread_t).collect());
+
+    let value = |a: u64| mem.read_obj::<u64>(GuestAddress(a)).unwrap();
+    let want = |bumps: u64| 2 * n + bumps * BUMP;
+    // Pause every millisecond until the loops are done (or stop moving: updates undone).
+    let (mut bumps, mut last, mut still) = (0, u64::MAX, Instant::now());
+    let t0 = Instant::now();
+    while value(P) as i64 - want(bumps) as i64 != 0 && t0.elapsed() < LIMIT {
+        if value(P) != last {
+            still = Instant::now();
+        } else if still.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+        let paused = shared
+            .pause
+            .pause(Duration::from_secs(10), &shared.stop, vcpu::kick_thread)
+            .expect("pause");
+        assert_eq!(paused.snapshots.len(), 2);
+        for a in [P, P + 8] {
+            mem.write_obj(value(a) + BUMP, GuestAddress(a)).unwrap();
+        }
+        // Every other pause drops the protection, as a commit does, or puts it back.
+        if bumps % 2 == 0 {
+            shared.protect.unprotect("test").unwrap();
+        } else {
+            shared.protect.protect(P, 8, "test", pass_through()).unwrap();
+        }
+        bumps += 1;
+        last = value(P);
+        drop(paused);
+    }
+    shared.stop.store(true, Ordering::Release);
+    shared.pause.wake_all();
+    for h in &threads {
+        vcpu::kick_thread(h.as_pthread_t() as libc::pthread_t);
+    }
+    for h in threads {
+        h.join().unwrap();
+    }
+    let (inc, xadd) = (value(P), value(P + 8));
+    eprintln!(
+        "{n} iterations per vCPU, {bumps} pauses: lock inc {inc}, lock xadd {xadd}, want {}",
+        want(bumps)
+    );
+    assert_eq!((inc, xadd), (want(bumps), want(bumps)));
+}
