@@ -343,7 +343,10 @@ fn pauses_never_split_a_trapped_write() {
         } else if still.elapsed() > Duration::from_secs(2) {
             break;
         }
-        std::thread::sleep(Duration::from_millis(1));
+        // The page stays unprotected only until the very next pause.
+        if bumps % 4 != 3 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let paused = shared
             .pause
             .pause(Duration::from_secs(10), &shared.stop, vcpu::kick_thread)
@@ -352,11 +355,11 @@ fn pauses_never_split_a_trapped_write() {
         for a in [P, P + 8] {
             mem.write_obj(value(a) + BUMP, GuestAddress(a)).unwrap();
         }
-        // Every other pause drops the protection, as a commit does, or puts it back.
-        if bumps % 2 == 0 {
-            shared.protect.unprotect("test").unwrap();
-        } else {
-            shared.protect.protect(P, 8, "test", pass_through()).unwrap();
+        // One pause in four drops the protection, as a commit does; the next puts it back.
+        match bumps % 4 {
+            2 => shared.protect.unprotect("test").unwrap(),
+            3 => drop(shared.protect.protect(P, 8, "test", pass_through()).unwrap()),
+            _ => {}
         }
         bumps += 1;
         last = value(P);
