@@ -378,3 +378,39 @@ fn pauses_never_split_a_trapped_write() {
     // Both vCPUs do one of each per iteration.
     assert!((inc % BUMP).abs_diff(xadd % BUMP) <= 2, "an update was lost");
 }
+
+/// A data patch's transfer handler sees what is actually stored: the redone result of a
+/// locked RMW, and nothing for a `cmpxchg` that failed (it stores nothing).
+#[test]
+fn handlers_see_what_is_stored() {
+    use lucos_vmm::protect::WriteFault;
+    use std::sync::{Arc, Mutex};
+
+    let code = smp::program(|a, _, _| {
+        a.lock().add(qword_ptr(P), 1).unwrap();
+        a.mov(rax, -1i64).unwrap();
+        a.lock().cmpxchg(qword_ptr(P), rcx).unwrap();
+        a.mov(eax, 10).unwrap();
+        a.lock().xadd(qword_ptr(P + 8), rax).unwrap();
+    });
+    let (mut m, _second) = smp::start(&code, 1);
+    m.mem.write_obj(5u64, GuestAddress(P)).unwrap();
+    let wp = WriteProtect::new(MemSlots::new(m.vm.clone(), &m.mem));
+    let seen: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
+    let log = seen.clone();
+    // Stores twice the value, as a unit conversion would.
+    let double = Arc::new(move |f: &WriteFault| {
+        let v = u64::from_le_bytes(f.data[..8].try_into().unwrap());
+        log.lock().unwrap().push((f.gpa, v));
+        (v * 2).to_le_bytes().to_vec()
+    });
+    wp.protect(P, 8, "test", double).unwrap();
+    let mem = m.mem.clone();
+    let on_write = |v: &VcpuFd, id: u8, gpa: u64, data: &[u8]| wp.on_write(&mem, v, false, id, gpa, data);
+    let ends = smp::run(&mut [&mut m.vcpu], LIMIT, &on_write);
+    assert!(ends[0].done, "{ends:?}");
+    assert_eq!(*seen.lock().unwrap(), [(P, 6), (P + 8, 10)]);
+    assert_eq!((q(&m, P), q(&m, P + 8)), (12, 20));
+    // The guest saw the unconverted results: xadd returned the old value 0.
+    assert_eq!(m.vcpu.get_regs().unwrap().rax, 0);
+}
