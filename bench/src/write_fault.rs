@@ -1,5 +1,5 @@
 //! Data-patch write-protection cost on the real KVM: a micro guest (`lucos_vmm::microvm`)
-//! runs a loop of N 8-byte stores (or loads) to one page, with the page plain RAM or
+//! runs a loop of N 8-byte stores (or loads, or `lock add`s) to one page, with the page plain RAM or
 //! write-protected through a read-only memslot (every store exits and the VMM completes it,
 //! as during a data patch's transition). Prints ns per access for each case and the cost
 //! of one write-fault round trip (protected store minus plain store).
@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use iced_x86::code_asm::*;
 use kvm_ioctls::VcpuExit;
 use lucos_vmm::microvm::{self, KCODE};
-use lucos_vmm::protect::{pass_through, MemSlots, WriteProtect};
+use lucos_vmm::protect::{pass_through, request_sync_regs, sync_regs_supported, MemSlots, WriteProtect};
 
 const TARGET: u64 = 0x20000;
 const PORT_DONE: u16 = 0xe0;
@@ -25,18 +25,27 @@ fn usage() -> ! {
     std::process::exit(2)
 }
 
-/// Guest: `rdx` accesses to TARGET (stores if `store`), then `out PORT_DONE`, repeat.
-fn guest(store: bool) -> Vec<u8> {
+/// What the guest's loop does to TARGET.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Store,
+    Load,
+    /// `lock add` (the VMM redoes it on the current value).
+    LockAdd,
+}
+
+/// Guest: `rdx` accesses to TARGET, then `out PORT_DONE`, repeat.
+fn guest(op: Op) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     let mut top = a.create_label();
     let mut lp = a.create_label();
     a.set_label(&mut top).unwrap();
     a.xor(ecx, ecx).unwrap();
     a.set_label(&mut lp).unwrap();
-    if store {
-        a.mov(qword_ptr(TARGET), rcx).unwrap();
-    } else {
-        a.mov(rax, qword_ptr(TARGET)).unwrap();
+    match op {
+        Op::Store => a.mov(qword_ptr(TARGET), rcx).unwrap(),
+        Op::Load => a.mov(rax, qword_ptr(TARGET)).unwrap(),
+        Op::LockAdd => a.lock().add(qword_ptr(TARGET), rcx).unwrap(),
     }
     a.inc(rcx).unwrap();
     a.cmp(rcx, rdx).unwrap();
@@ -47,15 +56,18 @@ fn guest(store: bool) -> Vec<u8> {
 }
 
 /// Median time of `runs` loops of `n` accesses; the first loop warms up.
-fn measure(store: bool, protect: bool, n: u64, runs: usize) -> Result<Duration, String> {
+fn measure(op: Op, protect: bool, n: u64, runs: usize) -> Result<Duration, String> {
     let mut img = microvm::image(0..0, &[]);
-    microvm::put(&mut img, KCODE, &guest(store));
+    microvm::put(&mut img, KCODE, &guest(op));
     let mut m = microvm::start(&img, KCODE).map_err(|e| e.to_string())?;
     let wp = WriteProtect::new(MemSlots::new(m.vm.clone(), &m.mem));
     if protect {
         wp.protect(TARGET, 8, "bench", pass_through())
             .map_err(|e| e.to_string())?;
     }
+    // As the VMM's vCPU threads do: registers come with the exit where KVM can.
+    let synced = protect && sync_regs_supported(&m.vm);
+    request_sync_regs(&mut m.vcpu, synced);
     let mut regs = m.vcpu.get_regs().map_err(|e| e.to_string())?;
     regs.rdx = n;
     m.vcpu.set_regs(&regs).map_err(|e| e.to_string())?;
@@ -66,7 +78,7 @@ fn measure(store: bool, protect: bool, n: u64, runs: usize) -> Result<Duration, 
             match m.vcpu.run() {
                 Ok(VcpuExit::MmioWrite(addr, data)) => {
                     let data = data.to_vec();
-                    if !wp.on_write(&m.mem, 0, 0, addr, &data) {
+                    if !wp.on_write(&m.mem, &m.vcpu, synced, 0, addr, &data) {
                         return Err(format!("unexpected MMIO write at {addr:#x}"));
                     }
                 }
@@ -99,12 +111,14 @@ fn main() {
     println!("write-fault: {runs} runs of {writes} accesses each (median)");
     println!("{:<28} {:>12} {:>14}", "", "ns/access", "accesses/s");
     let mut results = Vec::new();
-    for (name, store, protect) in [
-        ("store, plain page", true, false),
-        ("store, write-protected", true, true),
-        ("load, write-protected", false, true),
+    for (name, op, protect) in [
+        ("store, plain page", Op::Store, false),
+        ("store, write-protected", Op::Store, true),
+        ("load, write-protected", Op::Load, true),
+        ("lock add, plain page", Op::LockAdd, false),
+        ("lock add, write-protected", Op::LockAdd, true),
     ] {
-        match measure(store, protect, writes, runs) {
+        match measure(op, protect, writes, runs) {
             Ok(d) => {
                 let ns = d.as_nanos() as f64 / writes as f64;
                 println!("{name:<28} {ns:>12.1} {:>14.0}", 1e9 / ns);
@@ -119,5 +133,9 @@ fn main() {
     println!(
         "write-fault round trip (protected store - plain store): {:.1} us",
         (results[1] - results[0]) / 1000.0
+    );
+    println!(
+        "locked RMW round trip (protected lock add - plain lock add): {:.1} us",
+        (results[4] - results[3]) / 1000.0
     );
 }

@@ -23,6 +23,8 @@
 //!   workarounds) lucos-vmm picks for it.
 //! - [`pvm`], [`quirks`]: running on PVM and other software-assisted KVMs.
 //! - [`protect`]: write protection of guest pages through read-only memslots.
+//! - [`rmw`]: identifying the instruction behind a trapped write and redoing a locked
+//!   read-modify-write atomically.
 //! - [`guestcall`]: running a guest kernel function (a patch callback) on a vCPU at a safe
 //!   point, in a private environment, and restoring the vCPU.
 //! - [`update`]: the update server's view of the VM (its `Guest` trait) and its start-up.
@@ -50,6 +52,7 @@ pub mod protect;
 pub mod pvm;
 pub mod quirks;
 pub mod ratelimit;
+pub mod rmw;
 pub mod symbols;
 pub mod update;
 pub mod vcpu;

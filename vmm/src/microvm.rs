@@ -83,7 +83,7 @@ fn linux_gdt() -> [u64; 7] {
     ]
 }
 
-/// A micro VM: one vCPU in long mode over [`MEM`] bytes of RAM.
+/// A micro VM: one vCPU (more with [`MicroVm::add_vcpu`]) in long mode over [`MEM`] bytes of RAM.
 pub struct MicroVm {
     /// The open `/dev/kvm`, kept for the VM's life.
     pub kvm: Kvm,
@@ -91,7 +91,7 @@ pub struct MicroVm {
     pub vm: Arc<VmFd>,
     /// Its RAM, holding the image.
     pub mem: GuestMem,
-    /// Its only vCPU (id 0), set up to run the entry point at CPL 0.
+    /// Its first vCPU (id 0), set up to run the entry point at CPL 0.
     pub vcpu: VcpuFd,
 }
 
@@ -125,7 +125,25 @@ pub fn start(image: &[u8], entry: u64) -> Result<MicroVm, MicroVmError> {
     let mem = create_guest_memory(MEM as u64)?;
     mem.write_slice(image, GuestAddress(0))?;
     register_memslots(&vm, &mem)?;
-    let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    let vcpu = new_vcpu(&kvm, &vm, 0, entry, KSTACK)?;
+    Ok(MicroVm {
+        kvm,
+        vm: Arc::new(vm),
+        mem,
+        vcpu,
+    })
+}
+
+impl MicroVm {
+    /// Adds vCPU `id` (1 or more; no in-kernel irqchip, so it is runnable at once) in the
+    /// same long-mode state as vCPU 0, about to run `entry` at CPL 0 with RSP = `stack`.
+    pub fn add_vcpu(&self, id: u8, entry: u64, stack: u64) -> Result<VcpuFd, MicroVmError> {
+        new_vcpu(&self.kvm, &self.vm, id, entry, stack)
+    }
+}
+
+fn new_vcpu(kvm: &Kvm, vm: &VmFd, id: u8, entry: u64, stack: u64) -> Result<VcpuFd, MicroVmError> {
+    let vcpu = vm.create_vcpu(id.into()).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -151,14 +169,9 @@ pub fn start(image: &[u8], entry: u64) -> Result<MicroVm, MicroVmError> {
     };
     vcpu.set_sregs(&s).map_err(kvm_err("KVM_SET_SREGS"))?;
     let mut r = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-    (r.rip, r.rsp, r.rflags) = (entry, KSTACK, 2);
+    (r.rip, r.rsp, r.rflags) = (entry, stack, 2);
     vcpu.set_regs(&r).map_err(kvm_err("KVM_SET_REGS"))?;
-    Ok(MicroVm {
-        kvm,
-        vm: Arc::new(vm),
-        mem,
-        vcpu,
-    })
+    Ok(vcpu)
 }
 
 #[cfg(test)]

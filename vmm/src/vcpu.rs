@@ -72,6 +72,9 @@ pub struct VcpuShared {
     pub quirks: crate::quirks::Quirks,
     /// Write-protected guest pages (data patches).
     pub protect: crate::protect::WriteProtect,
+    /// KVM can copy registers into kvm_run at exits ([`crate::protect::sync_regs_supported`]):
+    /// vCPUs ask for it while pages are protected, so a trapped write needs no ioctl to read them.
+    pub sync_regs: bool,
     /// Guest calls waiting for their vCPU.
     pub calls: CallMailbox,
     /// Where the VM's patch region lies.
@@ -160,6 +163,7 @@ impl guestcall::CallVcpu for Vcpu {
             return CallExit::Stopping;
         }
         let next = self.run_once();
+        let next = self.complete_write(next);
         self.park_if_requested();
         match next {
             Next::CallPort(port) => CallExit::Port(port),
@@ -189,6 +193,8 @@ pub struct Vcpu {
     /// The KVM vCPU.
     pub fd: VcpuFd,
     shared: Arc<VcpuShared>,
+    /// KVM copies the registers into kvm_run at each exit (asked while pages are protected).
+    synced: bool,
 }
 
 /// What a VM exit asks the loop to do after the kvm_run borrow ends.
@@ -197,7 +203,7 @@ enum Next {
     /// An `out` to a guest-call port (meaningful only during a call).
     CallPort(u16),
     /// A guest write to a write-protected page, completed once the exit's borrow ends
-    /// (the handler gets the writer's RIP).
+    /// ([`Vcpu::complete_write`]).
     ProtectedWrite {
         addr: u64,
         data: Vec<u8>,
@@ -215,7 +221,12 @@ enum Next {
 impl Vcpu {
     /// vCPU `id` over `fd`; nothing runs until [`spawn`](Self::spawn).
     pub fn new(id: u8, fd: VcpuFd, shared: Arc<VcpuShared>) -> Self {
-        Self { id, fd, shared }
+        Self {
+            id,
+            fd,
+            shared,
+            synced: false,
+        }
     }
 
     /// Starts the vCPU thread.
@@ -230,6 +241,7 @@ impl Vcpu {
         KVM_RUN_PTR.with(|c| c.set(p));
         while !self.shared.stop.load(Ordering::Acquire) {
             let next = self.run_once();
+            let next = self.complete_write(next);
             self.shared.quirks.after_exit(&self.shared.mem, &self.fd);
             self.park_if_requested();
             if !self.dispatch(next) {
@@ -251,21 +263,32 @@ impl Vcpu {
         }
     }
 
+    /// Completes a write to a write-protected page at once, before the vCPU can park: a
+    /// pause must never find a trapped write half done (its registers not yet fixed, its
+    /// value not yet stored or converted). Other exits are returned as they are.
+    fn complete_write(&self, next: Next) -> Next {
+        let Next::ProtectedWrite { addr, data } = next else {
+            return next;
+        };
+        let shared = &self.shared;
+        if !shared
+            .protect
+            .on_write(&shared.mem, &self.fd, self.synced, self.id, addr, &data)
+        {
+            // Unprotected meanwhile: the page is plain RAM again.
+            let _ = vm_memory::Bytes::write_slice(&shared.mem, &data, vm_memory::GuestAddress(addr));
+        }
+        Next::Continue
+    }
+
     /// Acts on an exit. Returns false when the vCPU must stop.
     fn dispatch(&mut self, next: Next) -> bool {
         match next {
             Next::Continue => {}
             Next::CallPort(port) => debug!("vcpu{}: out to guest-call port {port:#x} outside a call", self.id),
-            Next::ProtectedWrite { addr, data } => {
-                let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                if !self
-                    .shared
-                    .protect
-                    .on_write(&self.shared.mem, self.id, rip, addr, &data)
-                {
-                    // Unprotected meanwhile: the page is plain RAM again.
-                    let _ = vm_memory::Bytes::write_slice(&self.shared.mem, &data, vm_memory::GuestAddress(addr));
-                }
+            Next::ProtectedWrite { .. } => {
+                let next = self.complete_write(next);
+                debug_assert!(matches!(next, Next::Continue));
             }
             Next::Stop => return false,
             Next::InternalError { suberror } => return self.handle_internal_error(suberror),
@@ -328,6 +351,11 @@ impl Vcpu {
     }
 
     fn run_once(&mut self) -> Next {
+        let want = self.shared.sync_regs && self.shared.protect.is_active();
+        if want != self.synced {
+            crate::protect::request_sync_regs(&mut self.fd, want);
+            self.synced = want;
+        }
         let id = self.id;
         let shared = &self.shared;
         match self.fd.run() {

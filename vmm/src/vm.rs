@@ -332,6 +332,7 @@ impl Vm {
             pause: PauseControl::new(config.vcpus as usize),
             quirks,
             protect,
+            sync_regs: crate::protect::sync_regs_supported(&vm),
             calls: vcpu::CallMailbox::new(config.vcpus as usize),
             patch_region: region,
         });
@@ -451,12 +452,25 @@ impl VmHandle {
         owner: &str,
         handler: crate::protect::WriteHandler,
     ) -> Result<(), crate::protect::ProtectError> {
-        self.shared.protect.protect(gpa, len, owner, handler).map(|_| ())
+        let r = self.shared.protect.protect(gpa, len, owner, handler).map(|_| ());
+        self.stop_on_hole(r)
+    }
+
+    /// Stops the VM (as a crash) if a memslot change left guest RAM with a hole.
+    fn stop_on_hole(&self, r: Result<(), crate::protect::ProtectError>) -> Result<(), crate::protect::ProtectError> {
+        if let Some(e) = r.as_ref().err().filter(|e| e.is_fatal()) {
+            let _ = self
+                .shared
+                .events
+                .send(crate::events::VmEvent::Crash(format!("write protection: {e}")));
+        }
+        r
     }
 
     /// Drops the write protection of `owner`; every vCPU must be paused.
     pub fn write_unprotect(&self, owner: &str) -> Result<(), crate::protect::ProtectError> {
-        self.shared.protect.unprotect(owner)
+        let r = self.shared.protect.unprotect(owner);
+        self.stop_on_hole(r)
     }
 
     /// Bytes of guest RAM in read-only memslots right now.

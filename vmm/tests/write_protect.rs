@@ -94,7 +94,7 @@ fn protected_writes_exit_and_are_completed_reads_do_not() {
             Err(e) => panic!("KVM_RUN: {e}"),
         };
         if let Some((addr, data)) = exit {
-            if !wp.on_write(&m.mem, 0, 0, addr, &data) {
+            if !wp.on_write(&m.mem, &m.vcpu, false, 0, addr, &data) {
                 other_exits.push(addr);
             }
         }

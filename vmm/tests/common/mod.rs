@@ -128,3 +128,4 @@ pub fn boot_with_timeout(vcpus: u8, run: &str, timeout: u64, extra: &[&str]) -> 
 pub mod api;
 pub mod patching;
 pub mod session;
+pub mod smp;
