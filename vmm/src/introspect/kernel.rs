@@ -116,6 +116,8 @@ pub struct GuestKernel {
     pub kernel_cr3: u64,
     /// `linux_banner` as the vmlinux has it: the running kernel must have the same.
     banner: Vec<u8>,
+    /// `struct module` offsets, from `btf` on first use (registrations run in a pause).
+    pub(super) module_layout: std::sync::OnceLock<super::modules::Layout>,
 }
 
 impl GuestKernel {
@@ -135,6 +137,7 @@ impl GuestKernel {
             tasks,
             kernel_cr3: pgt - START_KERNEL_MAP,
             banner,
+            module_layout: std::sync::OnceLock::new(),
         })
     }
 

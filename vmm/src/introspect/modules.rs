@@ -31,7 +31,7 @@ pub use lucos_update_server::guest::CodeInfo as CodeModule;
 
 /// Byte offsets the registration needs, from BTF.
 #[derive(Debug, Clone, Copy)]
-struct Layout {
+pub(super) struct Layout {
     size: u64,
     name: u64,
     name_len: u64,
@@ -76,7 +76,16 @@ impl Words for GuestVirt<'_> {
 }
 
 impl GuestKernel {
+    /// The offsets, read from BTF once (registration runs with the vCPUs paused).
     fn module_layout(&self) -> Result<Layout, KernelError> {
+        if let Some(l) = self.module_layout.get() {
+            return Ok(*l);
+        }
+        let l = self.read_module_layout()?;
+        Ok(*self.module_layout.get_or_init(|| l))
+    }
+
+    fn read_module_layout(&self) -> Result<Layout, KernelError> {
         let b = &self.btf;
         let m = |p: &str| b.offset_of("module", p);
         let l = |p: &str| b.offset_of("module_layout", p);
