@@ -997,14 +997,13 @@ mod tests {
         assert_eq!(t2.tx.take_used(&t2.mem), vec![]);
     }
 
-    /// The whole device as the guest sees it: virtio-mmio registers, the worker thread woken
-    /// by QueueNotify and by host stream readiness, interrupts, reset.
-    #[test]
-    fn through_the_mmio_transport_with_the_worker() {
+    /// The device behind its virtio-mmio transport, set up by a driver as Linux does (device
+    /// id checked, VERSION_1 negotiated, the harness's queues, DRIVER_OK); returns the
+    /// transport and the status bits before DRIVER_OK.
+    fn driver_ready(t: &Harness) -> (crate::devices::virtio::mmio::MmioTransport, u32) {
         use crate::devices::virtio::mmio::*;
         use crate::devices::BusDevice;
 
-        let mut t = Harness::new(true);
         let slot: ListenerSlot = Arc::new(RwLock::new(Some(t.pairs.clone() as Arc<dyn PortListener>)));
         let mut tr = MmioTransport::new(Box::new(Vsock::new(GUEST_CID, slot)), t.mem.clone(), t.irq.clone());
         let wr = |tr: &mut MmioTransport, off: u64, v: u32| tr.write(off, &v.to_le_bytes());
@@ -1025,6 +1024,20 @@ mod tests {
             wr(&mut tr, REG_QUEUE_READY, 1);
         }
         wr(&mut tr, REG_STATUS, ok | STATUS_DRIVER_OK);
+        (tr, ok)
+    }
+
+    /// The whole device as the guest sees it: virtio-mmio registers, the worker thread woken
+    /// by QueueNotify and by host stream readiness, interrupts, reset.
+    #[test]
+    fn through_the_mmio_transport_with_the_worker() {
+        use crate::devices::virtio::mmio::*;
+        use crate::devices::BusDevice;
+
+        let mut t = Harness::new(true);
+        let (mut tr, ok) = driver_ready(&t);
+        let wr = |tr: &mut MmioTransport, off: u64, v: u32| tr.write(off, &v.to_le_bytes());
+        let mut b = [0u8; 4];
         tr.read(REG_STATUS, &mut b);
         assert_eq!(u32::from_le_bytes(b), ok | STATUS_DRIVER_OK);
 
@@ -1236,28 +1249,13 @@ mod tests {
         use crate::devices::BusDevice;
 
         let t = Harness::new(true);
-        let slot: ListenerSlot = Arc::new(RwLock::new(Some(t.pairs.clone() as Arc<dyn PortListener>)));
-        let mut tr = MmioTransport::new(Box::new(Vsock::new(GUEST_CID, slot)), t.mem.clone(), t.irq.clone());
+        let (mut tr, ok) = driver_ready(&t);
         let wr = |tr: &mut MmioTransport, off: u64, v: u32| tr.write(off, &v.to_le_bytes());
         let status = |tr: &mut MmioTransport| {
             let mut b = [0u8; 4];
             tr.read(REG_STATUS, &mut b);
             u32::from_le_bytes(b)
         };
-        wr(&mut tr, REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        wr(&mut tr, REG_DRIVER_FEATURES_SEL, 1);
-        wr(&mut tr, REG_DRIVER_FEATURES, 1);
-        let ok = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        wr(&mut tr, REG_STATUS, ok);
-        for (i, q) in [&t.rx, &t.tx, &DriverQueue::new(0x3_0000)].iter().enumerate() {
-            wr(&mut tr, REG_QUEUE_SEL, i as u32);
-            wr(&mut tr, REG_QUEUE_NUM, QSIZE as u32);
-            wr(&mut tr, REG_QUEUE_DESC_LOW, q.desc as u32);
-            wr(&mut tr, REG_QUEUE_DRIVER_LOW, q.avail as u32);
-            wr(&mut tr, REG_QUEUE_DEVICE_LOW, q.used as u32);
-            wr(&mut tr, REG_QUEUE_READY, 1);
-        }
-        wr(&mut tr, REG_STATUS, ok | STATUS_DRIVER_OK);
         // A garbage TX available index.
         t.mem.write_obj(0x7fffu16, GuestAddress(t.tx.avail + 2)).unwrap();
         wr(&mut tr, REG_QUEUE_NOTIFY, TXQ as u32);
