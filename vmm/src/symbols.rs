@@ -84,6 +84,20 @@ pub struct Symbol {
     pub file: Option<String>,
 }
 
+impl Symbol {
+    /// A global symbol (tests build tables from these).
+    pub fn global(name: &str, addr: u64, size: u64, is_func: bool) -> Self {
+        Self {
+            name: name.into(),
+            addr,
+            size,
+            is_func,
+            global: true,
+            file: None,
+        }
+    }
+}
+
 /// Address-sorted symbols plus a by-name index.
 #[derive(Debug, Default)]
 pub struct SymbolTable {
@@ -262,14 +276,7 @@ mod tests {
     use super::*;
 
     fn sym(name: &str, addr: u64, size: u64) -> Symbol {
-        Symbol {
-            name: name.into(),
-            addr,
-            size,
-            is_func: true,
-            global: true,
-            file: None,
-        }
+        Symbol::global(name, addr, size, true)
     }
 
     fn local(name: &str, file: &str, addr: u64) -> Symbol {

@@ -150,14 +150,7 @@ mod tests {
     use crate::symbols::Symbol;
 
     fn sym(name: &str, addr: u64, size: u64) -> Symbol {
-        Symbol {
-            name: name.into(),
-            addr,
-            size,
-            is_func: false,
-            global: true,
-            file: None,
-        }
+        Symbol::global(name, addr, size, false)
     }
 
     #[test]
