@@ -45,6 +45,7 @@ fn exception_bug_and_unwind_tables_work_in_patch_code() {
     let keys = Keys::new(&dir);
     let sock = dir.join("api.sock");
     let mut s = Session::boot(1, &keys.vmm_args(&sock));
+    s.run("dmesg -n 1"); // kernel messages off the console, read with dmesg instead
 
     // The kernel's getcpu: 0, and a NULL pointer is skipped.
     let before = probe(&mut s);
