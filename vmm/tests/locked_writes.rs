@@ -8,6 +8,12 @@
 //! (a failed `cmpxchg` must return the current value, `lock bts` the bit's old value), and
 //! that plain stores to neighbouring objects on the page still land. $LUCOS_SMP_ITERS sets
 //! the iterations per vCPU.
+//!
+//! The tests are `#[ignore]`d in the default run, which CI does in the SVM lane: there the
+//! storm of exits from two racing vCPUs breaks the lane itself (L1's kernel panicked with a
+//! corrupted stack in its scheduler, or the micro guest saw a triple fault, in about half of
+//! the runs), while on the host's own KVM they pass every time. `.ci/run` runs them on the
+//! host's KVM: `cargo test -p lucos-vmm --test locked_writes -- --ignored`.
 
 mod common;
 
@@ -86,6 +92,7 @@ fn neighbour_stores(a: &mut CodeAssembler, bad: CodeLabel) {
 }
 
 #[test]
+#[ignore = "host KVM only (.ci/run runs it there): in the SVM lane this 2-vCPU exit storm crashes L1"]
 fn locked_rmw_keeps_every_update() {
     let n = smp::iterations(2000);
     let code = smp::program(|a, bad, _| {
@@ -143,6 +150,7 @@ fn locked_rmw_keeps_every_update() {
 }
 
 #[test]
+#[ignore = "host KVM only (.ci/run runs it there): in the SVM lane this 2-vCPU exit storm crashes L1"]
 fn cmpxchg_and_xchg_keep_every_update() {
     let n = smp::iterations(2000);
     let code = smp::program(|a, bad, _| {
@@ -203,6 +211,7 @@ fn cmpxchg_and_xchg_keep_every_update() {
 }
 
 #[test]
+#[ignore = "host KVM only (.ci/run runs it there): in the SVM lane this 2-vCPU exit storm crashes L1"]
 fn spinlocks_on_a_protected_page() {
     let n = smp::iterations(2000);
     let code = smp::program(|a, bad, stuck| {
@@ -283,6 +292,7 @@ fn spinlocks_on_a_protected_page() {
 /// complete before its vCPU parks: one still pending when the pause unprotects the page
 /// would be stored afterwards as KVM computed it, from a value read before the pause.
 #[test]
+#[ignore = "host KVM only (.ci/run runs it there): in the SVM lane this 2-vCPU exit storm crashes L1"]
 fn pauses_never_split_a_trapped_write() {
     use lucos_vmm::devices::Bus;
     use lucos_vmm::layout::PatchRegion;
@@ -382,6 +392,7 @@ fn pauses_never_split_a_trapped_write() {
 /// A data patch's transfer handler sees what is actually stored: the redone result of a
 /// locked RMW, and nothing for a `cmpxchg` that failed (it stores nothing).
 #[test]
+#[ignore = "host KVM only (.ci/run runs it there): in the SVM lane this 2-vCPU exit storm crashes L1"]
 fn handlers_see_what_is_stored() {
     use lucos_vmm::protect::WriteFault;
     use std::sync::{Arc, Mutex};
