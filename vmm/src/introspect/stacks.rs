@@ -84,25 +84,32 @@ impl GuestKernel {
         }
         let cea = v.read_u64(self.sym("cea_exception_stacks")?.wrapping_add(off))?;
         if cea != 0 {
-            for name in IST_STACKS {
-                let member = format!("{name}_stack");
-                let (Ok(at), Ok(len)) = (
-                    self.btf.offset_of("cea_exception_stacks", &member),
-                    self.btf.array_len("cea_exception_stacks", &member),
-                ) else {
-                    continue;
-                };
-                if len > 0 {
-                    let lo = cea.wrapping_add(at);
-                    out.push(KnownStack {
-                        lo,
-                        hi: lo.wrapping_add(len as u64),
-                        kind: StackKind::Exception(name),
-                    });
-                }
+            for &(name, at, len) in self.ist_layout() {
+                let lo = cea.wrapping_add(at);
+                out.push(KnownStack {
+                    lo,
+                    hi: lo.wrapping_add(len),
+                    kind: StackKind::Exception(name),
+                });
             }
         }
         Ok(out)
+    }
+
+    /// The IST stacks of `struct cea_exception_stacks` this kernel has (offset, size), read
+    /// from BTF once: this runs in every pause.
+    fn ist_layout(&self) -> &[(&'static str, u64, u64)] {
+        self.ist_layout.get_or_init(|| {
+            IST_STACKS
+                .iter()
+                .filter_map(|&name| {
+                    let member = format!("{name}_stack");
+                    let at = self.btf.offset_of("cea_exception_stacks", &member).ok()?;
+                    let len = self.btf.array_len("cea_exception_stacks", &member).ok()? as u64;
+                    (len > 0).then_some((name, at, len))
+                })
+                .collect()
+        })
     }
 }
 
