@@ -138,31 +138,39 @@ impl GuestKernel {
     pub fn register_code(&self, mem: &GuestMem, at: u64, c: &CodeModule) -> Result<(), KernelError> {
         let l = self.module_layout()?;
         let v = self.virt(mem);
-        v.write(at, &vec![0u8; l.size as usize])?;
-        let w64 = |off: u64, x: u64| v.write(at + off, &x.to_le_bytes());
-        let w32 = |off: u64, x: u64| v.write(at + off, &(x as u32).to_le_bytes());
+        // The struct is built here and written at once (one page walk, not one per field).
+        let mut m = vec![0u8; l.size as usize];
+        let mut put = |off: u64, bytes: &[u8]| {
+            let o = off as usize;
+            m[o..o + bytes.len()].copy_from_slice(bytes);
+        };
         let mut name = c.name.as_bytes().to_vec();
         name.truncate(l.name_len as usize - 1);
-        v.write(at + l.name, &name)?; // state stays 0: MODULE_STATE_LIVE
-        let core = at + l.core;
-        v.write(core + l.l_base, &c.base.to_le_bytes())?;
+        put(l.name, &name); // state stays 0: MODULE_STATE_LIVE
+        put(l.core + l.l_base, &c.base.to_le_bytes());
         for (off, x) in [(l.l_size, c.size), (l.l_text, c.text_size), (l.l_ro, c.text_size)] {
-            v.write(core + off, &(x as u32).to_le_bytes())?;
+            put(l.core + off, &(x as u32).to_le_bytes());
         }
-        v.write(core + l.l_mtn_mod, &at.to_le_bytes())?;
-        w32(l.num_ex, c.extable.1)?;
-        w64(l.extable, c.extable.0)?;
-        w32(l.num_orcs, c.orc.2)?;
-        w64(l.orc_ip, c.orc.0)?;
-        w64(l.orc, c.orc.1)?;
-        w32(l.num_bugs, c.bugs.1)?;
-        w64(l.bug_table, c.bugs.0)?;
-        let ks = at + l.core_kallsyms;
-        v.write(ks + l.ks_symtab, &c.kallsyms.0.to_le_bytes())?;
-        v.write(ks + l.ks_num, &(c.kallsyms.1 as u32).to_le_bytes())?;
-        v.write(ks + l.ks_strtab, &c.kallsyms.2.to_le_bytes())?;
-        v.write(ks + l.ks_typetab, &c.kallsyms.3.to_le_bytes())?;
-        w64(l.kallsyms, ks)?;
+        put(l.core + l.l_mtn_mod, &at.to_le_bytes());
+        for (off, x) in [(l.num_ex, c.extable.1), (l.num_orcs, c.orc.2), (l.num_bugs, c.bugs.1)] {
+            put(off, &(x as u32).to_le_bytes());
+        }
+        for (off, x) in [
+            (l.extable, c.extable.0),
+            (l.orc_ip, c.orc.0),
+            (l.orc, c.orc.1),
+            (l.bug_table, c.bugs.0),
+        ] {
+            put(off, &x.to_le_bytes());
+        }
+        let ks = l.core_kallsyms;
+        put(ks + l.ks_symtab, &c.kallsyms.0.to_le_bytes());
+        put(ks + l.ks_num, &(c.kallsyms.1 as u32).to_le_bytes());
+        put(ks + l.ks_strtab, &c.kallsyms.2.to_le_bytes());
+        put(ks + l.ks_typetab, &c.kallsyms.3.to_le_bytes());
+        put(l.kallsyms, &(at + ks).to_le_bytes());
+        v.write(at, &m)?;
+        let core = at + l.core;
 
         // mod_tree: both copies of the latch, the sequence moved around each (as
         // latch_tree_insert does), then the address bounds __module_address checks first.
