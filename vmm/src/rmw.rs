@@ -24,18 +24,9 @@ use std::collections::HashMap;
 use iced_x86::{Decoder, DecoderOptions, Instruction, InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
-/// RFLAGS.CF.
-pub const CF: u64 = 1 << 0;
-/// RFLAGS.PF.
-pub const PF: u64 = 1 << 2;
-/// RFLAGS.AF.
-pub const AF: u64 = 1 << 4;
-/// RFLAGS.ZF.
-pub const ZF: u64 = 1 << 6;
-/// RFLAGS.SF.
-pub const SF: u64 = 1 << 7;
-/// RFLAGS.OF.
-pub const OF: u64 = 1 << 11;
+use crate::arch::x86_64::{
+    RFLAGS_AF as AF, RFLAGS_CF as CF, RFLAGS_OF as OF, RFLAGS_PF as PF, RFLAGS_SF as SF, RFLAGS_ZF as ZF,
+};
 const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
 
 /// The longest x86 instruction.

@@ -13,6 +13,18 @@ pub mod regs;
 
 /// RFLAGS.IF: maskable interrupts enabled.
 pub const RFLAGS_IF: u64 = 1 << 9;
+/// RFLAGS.CF: carry.
+pub const RFLAGS_CF: u64 = 1 << 0;
+/// RFLAGS.PF: parity.
+pub const RFLAGS_PF: u64 = 1 << 2;
+/// RFLAGS.AF: auxiliary carry.
+pub const RFLAGS_AF: u64 = 1 << 4;
+/// RFLAGS.ZF: zero.
+pub const RFLAGS_ZF: u64 = 1 << 6;
+/// RFLAGS.SF: sign.
+pub const RFLAGS_SF: u64 = 1 << 7;
+/// RFLAGS.OF: overflow.
+pub const RFLAGS_OF: u64 = 1 << 11;
 /// RFLAGS.RF: resume flag (suppresses instruction breakpoints for one instruction).
 pub const RFLAGS_RF: u64 = 1 << 16;
 /// RFLAGS bit 1, always set.
