@@ -11,8 +11,6 @@
 //! patched function. Prints a table (min / median / max over the runs, and the ratio of
 //! the medians) and writes a PNG of the workload's latency over time. `--help` explains.
 
-mod guest;
-mod lucos;
 mod plot;
 mod probe;
 
@@ -21,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use guest::{BootArgs, Guest};
-use lucos::Api;
+use lucos_bench::guest::{BootArgs, Guest};
+use lucos_bench::lucos::Api;
 use probe::{KlpOp, Window};
 use serde::Serialize;
 

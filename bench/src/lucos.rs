@@ -49,6 +49,22 @@ impl Api {
         })
     }
 
+    /// The key pair in `dir` if there is one (made by an earlier [`Api::with_keys`]), else
+    /// a fresh one; the API socket will be `dir/api.sock`.
+    pub fn with_keys(dir: &Path, vmlinux: &Path) -> Result<Api, String> {
+        let (secret_key, public_key) = (dir.join("bench.key"), dir.join("bench.pub"));
+        if !(secret_key.exists() && public_key.exists()) {
+            return Self::new(dir, vmlinux);
+        }
+        Ok(Api {
+            sock: dir.join("api.sock"),
+            public_key,
+            secret_key,
+            kernel_id: signing::kernel_id_of(vmlinux).map_err(|e| e.to_string())?,
+            poll: Duration::from_millis(5),
+        })
+    }
+
     /// The patch module at `ko`, signed with the key the VMM trusts as `version`.
     pub fn signed(&self, ko: &Path, version: u64) -> Result<Vec<u8>, String> {
         let module = std::fs::read(ko).map_err(|e| format!("{}: {e} (run images/build.sh)", ko.display()))?;
@@ -58,6 +74,11 @@ impl Api {
             version,
         };
         signing::sign(&module, &binding, &key).map_err(|e| format!("signing: {e}"))
+    }
+
+    /// The secret key the VMM's trusted key belongs to (for `lucos-build --key`).
+    pub fn secret_key(&self) -> &Path {
+        &self.secret_key
     }
 
     /// `lucos-vmm run` arguments that serve the API and trust the key.
