@@ -11,6 +11,7 @@
 #                               of images/initramfs/progs and, for bench/'s livepatch-compare,
 #                               the Linux livepatch modules livepatch-sample.ko (the kernel's
 #                               sample) and livepatch-uname.ko (images/livepatch/) in /lucos/
+#   images/out/stable-fixes/    live patches built with lucos-build from images/stable-fixes/
 #   images/out/lane-svm/        the SVM lane's L1 kernel + initramfs (images/lane/build-image.sh;
 #                               run commands there with images/lane.sh svm -- CMD)
 #
@@ -128,6 +129,23 @@ fi
 klp_modules=("$kdir/build/samples/livepatch/livepatch-sample.ko" "$here/livepatch/livepatch-uname.ko")
 for ko in "${klp_modules[@]}"; do
     [ -f "$ko" ] || { echo "build.sh: $ko was not built" >&2; exit 1; }
+done
+
+# Real upstream stable fixes (images/stable-fixes/*.patch, each reverted in the image by
+# images/kernel-patches/) built into live patches from their diffs with lucos-build: the
+# tests apply them (vmm/tests/stable_fixes.rs). Rebuilt when the diff or the tool changes.
+log "building images/stable-fixes/ with lucos-build"
+(cd "$root" && cargo build --release -q -p lucos-build)
+lucos_build="${CARGO_TARGET_DIR:-$root/target}/release/lucos-build"
+mkdir -p "$out/stable-fixes"
+for p in "$here"/stable-fixes/*.patch; do
+    [ -e "$p" ] || continue
+    n=$(basename "$p" .patch)
+    ko="$out/stable-fixes/$n.ko"
+    if [ "$ko" -nt "$p" ] && [ "$ko" -nt "$lucos_build" ] && [ "$ko" -nt "$kdir/.done" ]; then continue; fi
+    if ! "$lucos_build" --patch "$p" --name "${n//-/_}" --src "$kdir/src" --build "$kdir/build" -o "$ko" > "$tmp/$n.log" 2>&1; then
+        cat "$tmp/$n.log" >&2; echo "build.sh: lucos-build failed for $p" >&2; exit 1
+    fi
 done
 
 # Initramfs: cheap, rebuilt every time from images/initramfs/.

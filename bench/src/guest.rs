@@ -8,6 +8,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+/// A booted guest: lucos-vmm with the guest's serial console on pipes.
 pub struct Guest {
     child: Child,
     stdin: ChildStdin,
@@ -22,13 +23,19 @@ pub struct Guest {
 
 /// How a guest is started.
 pub struct BootArgs<'a> {
+    /// lucos-vmm.
     pub vmm: &'a Path,
+    /// The guest kernel (vmlinux).
     pub kernel: &'a Path,
+    /// The initramfs.
     pub initrd: &'a Path,
+    /// vCPUs.
     pub vcpus: u8,
+    /// Memory (`lucos-vmm run --mem`).
     pub mem: &'a str,
     /// Further `lucos-vmm run` arguments.
     pub extra: Vec<String>,
+    /// How long the boot may take.
     pub timeout: Duration,
 }
 

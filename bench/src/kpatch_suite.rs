@@ -117,7 +117,8 @@ fn abs(p: &Path) -> Result<PathBuf, String> {
 fn run(cli: &Cli) -> Result<bool, String> {
     let t0 = Instant::now();
     let work = abs(&cli.work)?;
-    let images = std::fs::canonicalize(&cli.images).map_err(|e| format!("{}: {e} (run images/build.sh)", cli.images.display()))?;
+    let images = std::fs::canonicalize(&cli.images)
+        .map_err(|e| format!("{}: {e} (run images/build.sh)", cli.images.display()))?;
     let suite = std::fs::canonicalize(&cli.suite).map_err(|e| format!("{}: {e}", cli.suite.display()))?;
     let builder = cli.lucos_build.clone().unwrap_or_else(|| sibling("lucos-build"));
     let mut patches: Vec<String> = std::fs::read_dir(&suite)
@@ -176,7 +177,11 @@ fn run(cli: &Cli) -> Result<bool, String> {
                 detail: if refused {
                     format!("refused by lucos-build: {error}")
                 } else {
-                    format!("lucos-build did not refuse it (exit {:?}; log {})", out.status.code(), log.display())
+                    format!(
+                        "lucos-build did not refuse it (exit {:?}; log {})",
+                        out.status.code(),
+                        log.display()
+                    )
                 },
                 seconds: secs,
             };
@@ -243,7 +248,12 @@ fn run(cli: &Cli) -> Result<bool, String> {
     if !built.is_empty() {
         let lane_sh = images.parent().map(|p| p.join("lane.sh")).unwrap_or_default();
         let status = if lane == "svm" {
-            Command::new(&lane_sh).arg("svm").arg("--").arg(&me).args(&args).status()
+            Command::new(&lane_sh)
+                .arg("svm")
+                .arg("--")
+                .arg(&me)
+                .args(&args)
+                .status()
         } else {
             Command::new(&me).args(&args).status()
         }
@@ -262,9 +272,15 @@ fn run(cli: &Cli) -> Result<bool, String> {
     let passed = outcomes.iter().filter(|o| o.passed).count();
     let failed = outcomes.len() - passed;
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&outcomes).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcomes).map_err(|e| e.to_string())?
+        );
     }
-    println!("kpatch-suite: {passed} passed, {failed} failed ({:.0} s)", t0.elapsed().as_secs_f64());
+    println!(
+        "kpatch-suite: {passed} passed, {failed} failed ({:.0} s)",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(failed == 0)
 }
 
@@ -287,7 +303,8 @@ fn guest_phase(cli: &Cli) -> Result<bool, String> {
     let work = abs(&cli.work)?;
     let images = abs_file(&cli.images)?;
     let (built, multiple): (Vec<Built>, bool) =
-        serde_json::from_slice(&std::fs::read(work.join("built.json")).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+        serde_json::from_slice(&std::fs::read(work.join("built.json")).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     let mut api = Api::with_keys(&work, &images.join("vmlinux"))?;
     // A Unix socket cannot live on the lane's shared (9p) checkout.
     api.sock = std::env::temp_dir().join(format!("kpatch-suite-{}.sock", std::process::id()));
@@ -374,7 +391,8 @@ fn base64(data: &[u8]) -> String {
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut s = String::new();
     for c in data.chunks(3) {
-        let n = (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
         for k in 0..4 {
             if k <= c.len() {
                 s.push(T[((n >> (18 - 6 * k)) & 63) as usize] as char);
@@ -417,7 +435,8 @@ fn apply(g: &mut Guest, api: &Api, b: &Built) -> Result<u32, String> {
 fn one_case(g: &mut Guest, api: &Api, b: &Built, test: Option<&String>) -> Result<String, String> {
     let Some(test) = test else {
         let id = apply(g, api, b)?;
-        api.rollback(id, Duration::from_secs(120)).map_err(|e| format!("rollback: {e}"))?;
+        api.rollback(id, Duration::from_secs(120))
+            .map_err(|e| format!("rollback: {e}"))?;
         return Ok("built, applied, committed, rolled back".into());
     };
     let (rc, out) = run_test(g, test)?;
@@ -428,17 +447,29 @@ fn one_case(g: &mut Guest, api: &Api, b: &Built, test: Option<&String>) -> Resul
     let (rc, out) = run_test(g, test)?;
     if rc != 0 {
         let _ = api.rollback(id, Duration::from_secs(120));
-        return Err(format!("the LOADED test fails with the patch applied (exit {rc}): {}", out.join(" | ")));
+        return Err(format!(
+            "the LOADED test fails with the patch applied (exit {rc}): {}",
+            out.join(" | ")
+        ));
     }
-    api.rollback(id, Duration::from_secs(120)).map_err(|e| format!("rollback: {e}"))?;
+    api.rollback(id, Duration::from_secs(120))
+        .map_err(|e| format!("rollback: {e}"))?;
     let (rc, out) = run_test(g, test)?;
     if rc == 0 {
-        return Err(format!("the LOADED test still passes after the rollback: {}", out.join(" | ")));
+        return Err(format!(
+            "the LOADED test still passes after the rollback: {}",
+            out.join(" | ")
+        ));
     }
     Ok("LOADED test: fails before, passes applied, fails rolled back".into())
 }
 
-fn multiple_case(g: &mut Guest, api: &Api, built: &[&Built], tests: &BTreeMap<String, String>) -> Result<String, String> {
+fn multiple_case(
+    g: &mut Guest,
+    api: &Api,
+    built: &[&Built],
+    tests: &BTreeMap<String, String>,
+) -> Result<String, String> {
     let mut ids = Vec::new();
     let mut result = Ok(());
     for b in built {
@@ -454,7 +485,11 @@ fn multiple_case(g: &mut Guest, api: &Api, built: &[&Built], tests: &BTreeMap<St
         for b in built {
             let (rc, out) = run_test(g, &tests[&b.name])?;
             if rc != 0 {
-                result = Err(format!("{}-LOADED.test fails with all applied: {}", b.name, out.join(" | ")));
+                result = Err(format!(
+                    "{}-LOADED.test fails with all applied: {}",
+                    b.name,
+                    out.join(" | ")
+                ));
                 break;
             }
         }
@@ -471,7 +506,10 @@ fn multiple_case(g: &mut Guest, api: &Api, built: &[&Built], tests: &BTreeMap<St
             return Err(format!("{}-LOADED.test passes after all were rolled back", b.name));
         }
     }
-    Ok(format!("{} applied together, all LOADED tests pass, rolled back in reverse", built.len()))
+    Ok(format!(
+        "{} applied together, all LOADED tests pass, rolled back in reverse",
+        built.len()
+    ))
 }
 
 #[cfg(test)]

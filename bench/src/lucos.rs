@@ -9,8 +9,11 @@ use lucos_update_server::client::{Client, Target};
 use lucos_update_server::protocol::{Op, PatchInfo, PatchState, Response};
 use lucos_update_server::signing;
 
+/// The update API of one VMM, with the key pair it trusts.
 pub struct Api {
+    /// The API socket.
     pub sock: PathBuf,
+    /// The public key the VMM trusts.
     pub public_key: PathBuf,
     secret_key: PathBuf,
     /// The guest kernel's build id, which signatures bind.
@@ -22,6 +25,7 @@ pub struct Api {
 /// One apply or rollback as the host saw it.
 #[derive(Debug, Clone)]
 pub struct Timed {
+    /// The patch.
     pub id: u32,
     /// From sending the request to its answer (the jumps are in, or out).
     pub call: Duration,

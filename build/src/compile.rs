@@ -158,7 +158,13 @@ pub struct UnitCommands {
 
 /// Builds the commands for `unit` on `side`, writing the object to `out`. `scratch` is
 /// the patched mirror of the source tree.
-pub fn commands(tree: &Tree, unit: &Unit, side: Side, scratch: &Path, out: &Path) -> Result<UnitCommands, CompileError> {
+pub fn commands(
+    tree: &Tree,
+    unit: &Unit,
+    side: Side,
+    scratch: &Path,
+    out: &Path,
+) -> Result<UnitCommands, CompileError> {
     commands_with(tree, unit, side, scratch, out, None)
 }
 
@@ -225,7 +231,11 @@ pub fn commands_with(
                         let shadow = format!("{scratch_str}{rest}");
                         if w == "-include" {
                             c_flags.push(w.clone());
-                            c_flags.push(if Path::new(&shadow).exists() { shadow } else { dir.clone() });
+                            c_flags.push(if Path::new(&shadow).exists() {
+                                shadow
+                            } else {
+                                dir.clone()
+                            });
                             i += 1;
                             continue;
                         }
@@ -270,7 +280,13 @@ pub fn commands_with(
     })
 }
 
-fn run(what: &str, object: &str, argv: &[String], cwd: &Path, stdin: Option<std::process::Stdio>) -> Result<std::process::Output, CompileError> {
+fn run(
+    what: &str,
+    object: &str,
+    argv: &[String],
+    cwd: &Path,
+    stdin: Option<std::process::Stdio>,
+) -> Result<std::process::Output, CompileError> {
     let mut c = Command::new(&argv[0]);
     c.args(&argv[1..]).current_dir(cwd);
     if let Some(s) = stdin {
@@ -357,7 +373,8 @@ pub fn symbol_versions(tree: &Tree, unit: &Unit, cmds: &UnitCommands) -> Result<
         .lines()
         .filter_map(|l| {
             let mut w = l.split_whitespace();
-            (w.next() == Some("#SYMVER")).then(|| (w.next().unwrap_or("").to_string(), w.next().unwrap_or("").to_string()))
+            (w.next() == Some("#SYMVER"))
+                .then(|| (w.next().unwrap_or("").to_string(), w.next().unwrap_or("").to_string()))
         })
         .collect())
 }
@@ -380,7 +397,9 @@ pub fn make_scratch(tree: &Tree, scratch: &Path, touched: &[String], patches: &[
         let from = tree.src.join(d);
         let to = scratch.join(d);
         std::fs::create_dir_all(&to).map_err(io(&to))?;
-        let Ok(entries) = std::fs::read_dir(&from) else { continue };
+        let Ok(entries) = std::fs::read_dir(&from) else {
+            continue;
+        };
         for e in entries.flatten() {
             if e.file_type().is_ok_and(|t| t.is_file()) {
                 let dst = to.join(e.file_name());
@@ -443,13 +462,33 @@ mod tests {
             module: None,
             cmd_file: "/b/fs/.x.o.cmd".into(),
         };
-        let c = commands(&tree, &unit, Side::Patched, Path::new("/t/scratch"), Path::new("/t/p/fs/x.o")).unwrap();
+        let c = commands(
+            &tree,
+            &unit,
+            Side::Patched,
+            Path::new("/t/scratch"),
+            Path::new("/t/p/fs/x.o"),
+        )
+        .unwrap();
         let cc = c.cc.join(" ");
         assert!(cc.starts_with("gcc -I/t/scratch/include -I/s/include -I ./include -fmacro-prefix-map=/t/scratch/= -fmacro-prefix-map=/s/= -O2 -I /t/scratch/fs -I /s/fs"), "{cc}");
-        assert!(cc.ends_with("-ffunction-sections -fdata-sections -c -o /t/p/fs/x.o /s/fs/x.c"), "{cc}");
+        assert!(
+            cc.ends_with("-ffunction-sections -fdata-sections -c -o /t/p/fs/x.o /s/fs/x.c"),
+            "{cc}"
+        );
         assert!(!cc.contains(" -g "));
-        assert_eq!(c.objtool.unwrap(), vec!["./tools/objtool/objtool", "--orc", "/t/p/fs/x.o"]);
-        let o = commands(&tree, &unit, Side::Original, Path::new("/t/scratch"), Path::new("/t/o/fs/x.o")).unwrap();
+        assert_eq!(
+            c.objtool.unwrap(),
+            vec!["./tools/objtool/objtool", "--orc", "/t/p/fs/x.o"]
+        );
+        let o = commands(
+            &tree,
+            &unit,
+            Side::Original,
+            Path::new("/t/scratch"),
+            Path::new("/t/o/fs/x.o"),
+        )
+        .unwrap();
         assert!(!o.cc.join(" ").contains("scratch"));
     }
 }

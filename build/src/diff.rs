@@ -71,15 +71,28 @@ pub enum Landing {
     Undef(usize),
 }
 
+/// A special section of an object, its entries grouped by the section their first field
+/// points into.
+struct SpecialSection {
+    name: String,
+    index: usize,
+    entry: u64,
+    /// Section pointed into → entry indices.
+    groups: BTreeMap<usize, Vec<u64>>,
+}
+
+/// An entry list about one section: (special section name, its index, entry size, entry
+/// indices).
+pub type EntryList<'f> = (&'f str, usize, u64, &'f [u64]);
+
 /// Per-object facts computed once: instruction boundaries of code sections, who
 /// references what, which special entries belong to which section.
 pub struct Facts<'a> {
     /// The object.
     pub obj: &'a Obj,
     insn_ends: HashMap<usize, Vec<(u64, u64)>>,
-    /// For each special section type present: section index, entries grouped by the
-    /// section their first field points into (entry index list).
-    specials: Vec<(String, usize, u64, BTreeMap<usize, Vec<u64>>)>,
+    /// Each special section present.
+    specials: Vec<SpecialSection>,
     /// Functions (symbol indices) whose code refers to each symbol.
     pub referrers: HashMap<usize, HashSet<usize>>,
 }
@@ -126,7 +139,12 @@ impl<'a> Facts<'a> {
                         }
                     }
                 }
-                f.specials.push((sp.name.to_string(), si, sp.size, groups));
+                f.specials.push(SpecialSection {
+                    name: sp.name.to_string(),
+                    index: si,
+                    entry: sp.size,
+                    groups,
+                });
             }
         }
         for (si, s) in obj.sections.iter().enumerate() {
@@ -205,16 +223,15 @@ impl<'a> Facts<'a> {
 
     /// The special entries about section `sec`: (special section name, section index,
     /// entry size, entry indices).
-    pub fn entries_about(&self, sec: usize) -> Vec<(&str, usize, u64, &[u64])> {
+    pub fn entries_about(&self, sec: usize) -> Vec<EntryList<'_>> {
         self.specials
             .iter()
-            .filter_map(|(n, si, size, g)| g.get(&sec).map(|v| (n.as_str(), *si, *size, v.as_slice())))
+            .filter_map(|s| {
+                s.groups
+                    .get(&sec)
+                    .map(|v| (s.name.as_str(), s.index, s.entry, v.as_slice()))
+            })
             .collect()
-    }
-
-    /// Every special section present: (name, section index, entry size, all groups).
-    pub fn special_sections(&self) -> impl Iterator<Item = (&str, usize, u64, &BTreeMap<usize, Vec<u64>>)> {
-        self.specials.iter().map(|(n, si, size, g)| (n.as_str(), *si, *size, g))
     }
 }
 
@@ -235,7 +252,9 @@ fn remap_lines(bytes: &[u8], f: &FileChange) -> Vec<u8> {
         if bytes[i..].starts_with(&pat) {
             let start = i + pat.len();
             let end = start + bytes[start..].iter().take_while(|c| c.is_ascii_digit()).count();
-            let line = std::str::from_utf8(&bytes[start..end]).ok().and_then(|d| d.parse::<u32>().ok());
+            let line = std::str::from_utf8(&bytes[start..end])
+                .ok()
+                .and_then(|d| d.parse::<u32>().ok());
             if let Some(new) = line.and_then(|l| f.map_line(l)) {
                 out.extend_from_slice(&pat);
                 out.extend_from_slice(new.to_string().as_bytes());
@@ -280,14 +299,20 @@ pub fn pair(o: &Facts, p: &Facts, specials: &Specials) -> Pairing {
     let mut by_key_p: BTreeMap<(String, bool), Vec<usize>> = BTreeMap::new();
     for i in items(o.obj, specials) {
         let s = &o.obj.symbols[i];
-        by_key_o.entry((normalize(&s.name), s.kind == SymKind::Func)).or_default().push(i);
+        by_key_o
+            .entry((normalize(&s.name), s.kind == SymKind::Func))
+            .or_default()
+            .push(i);
     }
     for i in items(p.obj, specials) {
         let s = &p.obj.symbols[i];
-        by_key_p.entry((normalize(&s.name), s.kind == SymKind::Func)).or_default().push(i);
+        by_key_p
+            .entry((normalize(&s.name), s.kind == SymKind::Func))
+            .or_default()
+            .push(i);
     }
     let mut pairing = Pairing::default();
-    let mut link = |pi: usize, oi: usize, pr: &mut Pairing| {
+    let link = |pi: usize, oi: usize, pr: &mut Pairing| {
         pr.p2o.insert(pi, oi);
         pr.o2p.insert(oi, pi);
     };
@@ -343,6 +368,9 @@ fn is_plain(name: &str) -> bool {
     normalize(name) == name
 }
 
+/// A place in an object: section index and offset.
+type Place = (usize, u64);
+
 /// Why a patched function or object differs from its original.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Difference(pub String);
@@ -393,8 +421,14 @@ impl Comparer<'_> {
     /// Compares `[o_start, o_start+len)` of original section `os` with the same span at
     /// `p_start` of patched section `ps`, bytes outside relocation fields and `ignore`
     /// (offsets relative to the span) and relocation targets.
-    #[allow(clippy::too_many_arguments)]
-    fn same_span(&self, os: usize, o_start: u64, ps: usize, p_start: u64, len: u64, ignore: Option<(u64, u64)>, skip_first_rel: bool) -> Result<(), Difference> {
+    fn same_span(
+        &self,
+        (os, o_start): Place,
+        (ps, p_start): Place,
+        len: u64,
+        ignore: Option<(u64, u64)>,
+        skip_first_rel: bool,
+    ) -> Result<(), Difference> {
         let (so, sp) = (&self.o.obj.sections[os], &self.p.obj.sections[ps]);
         let get = |d: &[u8], s: u64| -> Option<Vec<u8>> { d.get(s as usize..(s + len) as usize).map(<[u8]>::to_vec) };
         let (Some(mut bo), Some(mut bp)) = (get(&so.data, o_start), get(&sp.data, p_start)) else {
@@ -445,7 +479,9 @@ impl Comparer<'_> {
     /// Whether two string targets differ only in `FILE:LINE` references (from
     /// `__FILE__ ":" __stringify(__LINE__)`) to lines the diff moved but did not change.
     fn moved_line_only(&self, a: &Target, b: &Target) -> bool {
-        let (Target::Str(a), Target::Str(b)) = (a, b) else { return false };
+        let (Target::Str(a), Target::Str(b)) = (a, b) else {
+            return false;
+        };
         let mut s = a.clone();
         for f in self.lines {
             s = remap_lines(&s, f);
@@ -457,7 +493,10 @@ impl Comparer<'_> {
         match t {
             Target::Sym(i, d) => format!("{}{:+}", self.o.obj.symbols[*i].name, d),
             Target::New(n, d) => format!("new {n}{d:+}"),
-            Target::Str(s) => format!("\"{}\"", String::from_utf8_lossy(s).chars().take(40).collect::<String>()),
+            Target::Str(s) => format!(
+                "\"{}\"",
+                String::from_utf8_lossy(s).chars().take(40).collect::<String>()
+            ),
             Target::Anon(_) => "a constant".into(),
             Target::Undef(n, _) => n.clone(),
         }
@@ -473,15 +512,24 @@ impl Comparer<'_> {
         let whole_o = self.o.obj.symbols_in(os).len() == 1;
         let whole_p = self.p.obj.symbols_in(ps).len() == 1;
         let (o_start, o_len, p_start, p_len) = if whole_o && whole_p {
-            (0, self.o.obj.sections[os].data.len() as u64, 0, self.p.obj.sections[ps].data.len() as u64)
+            (
+                0,
+                self.o.obj.sections[os].data.len() as u64,
+                0,
+                self.p.obj.sections[ps].data.len() as u64,
+            )
         } else {
             (so.value, so.size, sp.value, sp.size)
         };
         if o_len != p_len {
             return Err(Difference(format!("size {p_len} (was {o_len})")));
         }
-        let ignore = if self.o.obj.sections[os].name == "__dyndbg" { self.ddebug_line } else { None };
-        self.same_span(os, o_start, ps, p_start, o_len, ignore, false)?;
+        let ignore = if self.o.obj.sections[os].name == "__dyndbg" {
+            self.ddebug_line
+        } else {
+            None
+        };
+        self.same_span((os, o_start), (ps, p_start), o_len, ignore, false)?;
         if so.kind == SymKind::Func {
             self.same_entries(os, ps)?;
         }
@@ -496,7 +544,7 @@ impl Comparer<'_> {
             if sp.usage != Use::Keep {
                 continue;
             }
-            let find = |v: &[(&str, usize, u64, &[u64])]| -> Vec<(usize, u64)> {
+            let find = |v: &[EntryList]| -> Vec<(usize, u64)> {
                 v.iter()
                     .filter(|e| e.0 == sp.name)
                     .flat_map(|e| e.3.iter().map(move |&k| (e.1, k * e.2)))
@@ -504,16 +552,25 @@ impl Comparer<'_> {
             };
             let (lo, lp) = (find(&eo), find(&ep));
             if lo.len() != lp.len() {
-                return Err(Difference(format!("{} {} entries (was {})", lp.len(), sp.name, lo.len())));
+                return Err(Difference(format!(
+                    "{} {} entries (was {})",
+                    lp.len(),
+                    sp.name,
+                    lo.len()
+                )));
             }
             for (&(so, ao), &(spn, ap)) in lo.iter().zip(&lp) {
                 let anchor = |f: &Facts, s: usize, at: u64| {
-                    f.obj.sections[s].rels_in(at, at + 1).first().and_then(|r| f.landing_section(s, r)).map(|x| x.1)
+                    f.obj.sections[s]
+                        .rels_in(at, at + 1)
+                        .first()
+                        .and_then(|r| f.landing_section(s, r))
+                        .map(|x| x.1)
                 };
                 if anchor(self.o, so, ao) != anchor(self.p, spn, ap) {
                     return Err(Difference(format!("{} entry moved", sp.name)));
                 }
-                self.same_span(so, ao, spn, ap, sp.size, sp.ignore, true)
+                self.same_span((so, ao), (spn, ap), sp.size, sp.ignore, true)
                     .map_err(|d| Difference(format!("{} entry: {}", sp.name, d.0)))?;
                 if sp.name == ".altinstructions" {
                     self.same_replacement(so, ao, spn, ap)?;
@@ -534,7 +591,7 @@ impl Comparer<'_> {
         };
         match (repl(self.o, so, ao), repl(self.p, sp, ap)) {
             (Some((to, oo, lo)), Some((tp, op, lp))) if lo == lp => self
-                .same_span(to, oo, tp, op, lo, None, false)
+                .same_span((to, oo), (tp, op), lo, None, false)
                 .map_err(|d| Difference(format!("alternative replacement: {}", d.0))),
             (None, None) => Ok(()),
             _ => Err(Difference("alternative replacement differs".into())),
@@ -561,7 +618,13 @@ pub struct UnitDiff {
 }
 
 /// Compares a unit's original and patched objects.
-pub fn diff(o: &Facts, p: &Facts, specials: &Specials, ddebug_line: Option<(u64, u64)>, lines: &[FileChange]) -> UnitDiff {
+pub fn diff(
+    o: &Facts,
+    p: &Facts,
+    specials: &Specials,
+    ddebug_line: Option<(u64, u64)>,
+    lines: &[FileChange],
+) -> UnitDiff {
     let pairing = pair(o, p, specials);
     let mut out = UnitDiff::default();
     let empty = HashSet::new();

@@ -247,7 +247,12 @@ impl Obj {
                 };
                 let sym = match r.target() {
                     RelocationTarget::Symbol(si) => si.0,
-                    t => return Err(bad(format!("relocation in {} at {offset:#x}: target {t:?}", sections[i].name))),
+                    t => {
+                        return Err(bad(format!(
+                            "relocation in {} at {offset:#x}: target {t:?}",
+                            sections[i].name
+                        )))
+                    }
                 };
                 if sym >= symbols.len() {
                     return Err(bad(format!("relocation in {} names symbol #{sym}", sections[i].name)));

@@ -10,13 +10,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use lucos_update_server::module::NAME_MAX;
 use object::write::{Object as WObject, Relocation, SectionId, Symbol, SymbolId, SymbolSection};
-use object::{elf, Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind, SymbolFlags, SymbolKind, SymbolScope};
+use object::{
+    elf, Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind, SymbolFlags, SymbolKind,
+    SymbolScope,
+};
 use thiserror::Error;
 
 use crate::diff::{Facts, Landing, UnitDiff};
 use crate::elf::{Obj, SymKind};
 use crate::ksyms::{KsymError, UnitNamer, VmlinuxSyms};
-use crate::special::{ignored, init_or_exit, Specials, Use, ORC_ENTRY};
+use crate::special::{init_or_exit, Specials, Use, ORC_ENTRY};
 
 /// Why the patch object cannot be written.
 #[derive(Debug, Error)]
@@ -110,9 +113,12 @@ fn unsupported_section(name: &str) -> Option<&'static str> {
     Some(match name {
         n if n.starts_with(".data..percpu") => "a new per-CPU variable",
         "__param" => "a new module parameter",
-        "__tracepoints" | "__tracepoints_ptrs" | "__tracepoints_strings" | "_ftrace_events" | "_ftrace_eval_map" | "__bpf_raw_tp_map" => {
-            "a new tracepoint or trace event"
-        }
+        "__tracepoints"
+        | "__tracepoints_ptrs"
+        | "__tracepoints_strings"
+        | "_ftrace_events"
+        | "_ftrace_eval_map"
+        | "__bpf_raw_tp_map" => "a new tracepoint or trace event",
         ".init_array" | ".ctors" => "a constructor",
         ".static_call.text" | "__static_call_tramp_key" => "a new static call",
         "__syscalls_metadata" => "syscall trace metadata (use KPATCH_SYSCALL_DEFINE)",
@@ -123,7 +129,6 @@ fn unsupported_section(name: &str) -> Option<&'static str> {
 struct Builder<'a, 'b> {
     units: &'b [UnitInput<'a>],
     vmlinux: &'b VmlinuxSyms,
-    specials: &'b Specials,
     out: WObject<'static>,
     pieces: BTreeSet<Piece>,
     piece_sec: HashMap<Piece, SectionId>,
@@ -184,10 +189,16 @@ impl<'a, 'b> Builder<'a, 'b> {
             let p = u.p.obj;
             let sec = &p.sections[pc.sec];
             if let Some(what) = unsupported_section(&sec.name) {
-                let sym = p.covering(pc.sec, pc.start).map(|i| p.symbols[i].name.clone()).unwrap_or_default();
+                let sym = p
+                    .covering(pc.sec, pc.start)
+                    .map(|i| p.symbols[i].name.clone())
+                    .unwrap_or_default();
                 return Err(EmitError::Unsupported {
                     unit: u.name.clone(),
-                    what: format!("{what} ('{sym}' in section {}): lucos cannot add it to a running kernel", sec.name),
+                    what: format!(
+                        "{what} ('{sym}' in section {}): lucos cannot add it to a running kernel",
+                        sec.name
+                    ),
                 });
             }
             for r in sec.rels_in(pc.start, pc.end) {
@@ -308,7 +319,9 @@ impl<'a, 'b> Builder<'a, 'b> {
     fn out_place(&self, pc: Piece) -> Option<(SectionId, u64)> {
         self.piece_sec.get(&pc).map(|&id| (id, 0)).or_else(|| {
             let name = &self.units[pc.unit].p.obj.sections[pc.sec].name;
-            self.merged.get(&format!("{}#{}#{}#{}", name, pc.unit, pc.sec, pc.start)).copied()
+            self.merged
+                .get(&format!("{}#{}#{}#{}", name, pc.unit, pc.sec, pc.start))
+                .copied()
         })
     }
 
@@ -332,13 +345,20 @@ impl<'a, 'b> Builder<'a, 'b> {
                     match id {
                         Some(id) => Ok((id, off_sec - s.value as i64)),
                         None => {
-                            let (sid, at) = self.out_place(pc).ok_or_else(|| EmitError::Write(format!("no place for {}", s.name)))?;
+                            let (sid, at) = self
+                                .out_place(pc)
+                                .ok_or_else(|| EmitError::Write(format!("no place for {}", s.name)))?;
                             let ssym = self.out.section_symbol(sid);
                             Ok((ssym, off_sec - pc.start as i64 + at as i64))
                         }
                     }
                 } else {
-                    let oi = *u.diff.pairing.p2o.get(&i).ok_or_else(|| EmitError::Write(format!("{} is unpaired", s.name)))?;
+                    let oi = *u
+                        .diff
+                        .pairing
+                        .p2o
+                        .get(&i)
+                        .ok_or_else(|| EmitError::Write(format!("{} is unpaired", s.name)))?;
                     let spec = u.namer.spec(u.o.obj, oi)?;
                     let id = self.kernel_sym(spec);
                     Ok((id, off_sec - s.value as i64))
@@ -346,7 +366,9 @@ impl<'a, 'b> Builder<'a, 'b> {
             }
             Landing::Str(s, _) | Landing::Anon(s, _) => {
                 let pc = self.whole(unit, s);
-                let (sid, at) = self.out_place(pc).ok_or_else(|| EmitError::Write(format!("no place for section {}", p.sections[s].name)))?;
+                let (sid, at) = self
+                    .out_place(pc)
+                    .ok_or_else(|| EmitError::Write(format!("no place for section {}", p.sections[s].name)))?;
                 let ssym = self.out.section_symbol(sid);
                 Ok((ssym, off_sec + at as i64))
             }
@@ -357,19 +379,23 @@ impl<'a, 'b> Builder<'a, 'b> {
                         return Ok((id, r.addend));
                     }
                 }
-                let spec = match u.namer.module() {
-                    Some(_) => self.vmlinux.external(&name),
-                    None => self.vmlinux.external(&name),
-                };
+                let spec = u.namer.external(self.vmlinux, &name);
                 let id = self.kernel_sym(spec);
                 Ok((id, r.addend))
             }
         }
     }
 
-    fn add_relocs(&mut self, unit: usize, sec: usize, from: u64, to: u64, out: SectionId, out_off: u64, skip: usize) -> Result<(), EmitError> {
+    /// Copies the relocations of `[from, to)` of section `sec` of `unit` to `out` at
+    /// `out_off`, with their targets mapped.
+    fn add_relocs(
+        &mut self,
+        (unit, sec): (usize, usize),
+        (from, to): (u64, u64),
+        (out, out_off): (SectionId, u64),
+    ) -> Result<(), EmitError> {
         let rels: Vec<crate::elf::Rel> = self.units[unit].p.obj.sections[sec].rels_in(from, to).to_vec();
-        for r in rels.iter().skip(skip) {
+        for r in &rels {
             let (symbol, addend) = self.target(unit, sec, r)?;
             self.out
                 .add_relocation(
@@ -388,11 +414,16 @@ impl<'a, 'b> Builder<'a, 'b> {
 }
 
 /// Writes the patch object for the changed functions of `units`.
-pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, name: &str, description: &str) -> Result<Emitted, EmitError> {
+pub fn emit(
+    units: &[UnitInput],
+    vmlinux: &VmlinuxSyms,
+    specials: &Specials,
+    name: &str,
+    description: &str,
+) -> Result<Emitted, EmitError> {
     let mut b = Builder {
         units,
         vmlinux,
-        specials,
         out: WObject::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
         pieces: BTreeSet::new(),
         piece_sec: HashMap::new(),
@@ -443,7 +474,8 @@ pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, nam
                     (id, at)
                 }
             };
-            b.merged.insert(format!("{}#{}#{}#{}", sec.name, pc.unit, pc.sec, pc.start), (id, at));
+            b.merged
+                .insert(format!("{}#{}#{}#{}", sec.name, pc.unit, pc.sec, pc.start), (id, at));
         } else {
             let (id, _) = b.section_for(&sec.name, sec.sh_type, sec.flags, sec.align, data);
             b.piece_sec.insert(pc, id);
@@ -472,7 +504,11 @@ pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, nam
                 name: name.into_bytes(),
                 value: s.value - pc.start + at,
                 size: s.size,
-                kind: if s.kind == SymKind::Func { SymbolKind::Text } else { SymbolKind::Data },
+                kind: if s.kind == SymKind::Func {
+                    SymbolKind::Text
+                } else {
+                    SymbolKind::Data
+                },
                 scope: SymbolScope::Compilation,
                 weak: false,
                 section: SymbolSection::Section(sid),
@@ -484,7 +520,7 @@ pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, nam
     // Relocations of every piece.
     for &pc in &pieces {
         let Some((sid, at)) = b.out_place(pc) else { continue };
-        b.add_relocs(pc.unit, pc.sec, pc.start, pc.end, sid, at, 0)?;
+        b.add_relocs((pc.unit, pc.sec), (pc.start, pc.end), (sid, at))?;
     }
     // Special tables: one output section per type, entries about the pieces' code.
     for sp in specials.all() {
@@ -515,16 +551,21 @@ pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, nam
         entries.dedup();
         let first = &units[entries[0].0].p.obj.sections[entries[0].1];
         let (id, _) = b.section_for(sp.name, first.sh_type, first.flags, first.align, &[]);
-        let orc = (sp.name == ".orc_unwind_ip").then(|| b.section_for(".orc_unwind", elf::SHT_PROGBITS, u64::from(elf::SHF_ALLOC), 2, &[]).0);
+        let orc = (sp.name == ".orc_unwind_ip").then(|| {
+            b.section_for(".orc_unwind", elf::SHT_PROGBITS, u64::from(elf::SHF_ALLOC), 2, &[])
+                .0
+        });
         for (ui, si, e) in entries {
             let sec = &units[ui].p.obj.sections[si];
             let at = e * sp.size;
             let bytes = sec.data[at as usize..(at + sp.size) as usize].to_vec();
             let out_off = b.out.append_section_data(id, &bytes, sec.align.min(8));
-            b.add_relocs(ui, si, at, at + sp.size, id, out_off, 0)?;
+            b.add_relocs((ui, si), (at, at + sp.size), (id, out_off))?;
             if let Some(orc_id) = orc {
                 let p = units[ui].p.obj;
-                let osec = p.section_named(".orc_unwind").ok_or_else(|| EmitError::Write("no .orc_unwind".into()))?;
+                let osec = p
+                    .section_named(".orc_unwind")
+                    .ok_or_else(|| EmitError::Write("no .orc_unwind".into()))?;
                 let o_at = e * ORC_ENTRY;
                 let ob = p.sections[osec]
                     .data
@@ -571,7 +612,9 @@ pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, nam
                     offset: off + 2 * NAME_MAX as u64,
                     symbol: id,
                     addend: 0,
-                    flags: RelocationFlags::Elf { r_type: elf::R_X86_64_64 },
+                    flags: RelocationFlags::Elf {
+                        r_type: elf::R_X86_64_64,
+                    },
                 },
             )
             .map_err(|e| EmitError::Write(e.to_string()))?;
@@ -584,7 +627,6 @@ pub fn emit(units: &[UnitInput], vmlinux: &VmlinuxSyms, specials: &Specials, nam
     }
     let kernel_refs = b.kernel.len();
     let bytes = b.out.write().map_err(|e| EmitError::Write(e.to_string()))?;
-    let _ = ignored;
     Ok(Emitted {
         bytes,
         replaced,

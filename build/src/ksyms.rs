@@ -59,7 +59,10 @@ struct Group {
     names: HashMap<String, Vec<u64>>,
 }
 
-fn groups_of(path: &Path, data: &[u8], by_index: bool) -> Result<(Vec<Group>, Vec<(String, u64, bool)>), KsymError> {
+/// Every symbol of a table: name, address or index, global.
+type AllSymbols = Vec<(String, u64, bool)>;
+
+fn groups_of(path: &Path, data: &[u8], by_index: bool) -> Result<(Vec<Group>, AllSymbols), KsymError> {
     let file = object::File::parse(data).map_err(|e| KsymError::Read {
         path: path.into(),
         why: e.to_string(),
@@ -104,7 +107,10 @@ fn unit_locals(obj: &Obj) -> Vec<&str> {
 }
 
 fn unit_file(obj: &Obj) -> Option<&str> {
-    obj.symbols.iter().find(|s| s.kind == SymKind::File).map(|s| s.name.as_str())
+    obj.symbols
+        .iter()
+        .find(|s| s.kind == SymKind::File)
+        .map(|s| s.name.as_str())
 }
 
 /// Picks the group of `obj`'s file whose locals match best.
@@ -129,7 +135,7 @@ fn find_group(groups: &[Group], obj: &Obj, unit: &str, kernel: &str) -> Result<u
             )
         })
         .collect();
-    best.sort_by(|a, b| b.1.cmp(&a.1));
+    best.sort_by_key(|b| std::cmp::Reverse(b.1));
     match best.as_slice() {
         [] => Err(KsymError::NoUnit {
             unit: unit.into(),
@@ -240,7 +246,9 @@ impl ModuleSyms {
             if n.is_empty() {
                 continue;
             }
-            let SymbolSection::Section(si) = s.section() else { continue };
+            let SymbolSection::Section(si) = s.section() else {
+                continue;
+            };
             let Ok(sec) = file.section_by_index(si) else { continue };
             let sname = sec.name().unwrap_or("");
             let alloc = matches!(
@@ -304,6 +312,20 @@ impl UnitNamer<'_> {
         }
     }
 
+    /// The reference for an external (undefined) symbol of the unit: a global of the
+    /// unit's own module when the module defines it (another file of the module), else
+    /// vmlinux's or another module's export ([`VmlinuxSyms::external`]).
+    pub fn external(&self, vmlinux: &VmlinuxSyms, name: &str) -> String {
+        if let NamerKind::Module { syms, .. } = &self.kind {
+            if let Some(c) = syms.core.iter().find(|c| c.0 == name) {
+                if let Some(spec) = syms.spec(name, c.1) {
+                    return spec;
+                }
+            }
+        }
+        vmlinux.external(name)
+    }
+
     /// The reference to the running kernel's copy of symbol `sym` of the unit's original
     /// object `obj`.
     pub fn spec(&self, obj: &Obj, sym: usize) -> Result<String, KsymError> {
@@ -314,7 +336,10 @@ impl UnitNamer<'_> {
             why,
         };
         // Which of the unit's symbols of that name it is (names repeat rarely).
-        let nth = obj.symbols[..sym].iter().filter(|o| o.name == s.name && o.defined()).count();
+        let nth = obj.symbols[..sym]
+            .iter()
+            .filter(|o| o.name == s.name && o.defined())
+            .count();
         match &self.kind {
             NamerKind::Vmlinux { syms, group } => {
                 if s.global {
@@ -336,8 +361,19 @@ impl UnitNamer<'_> {
                             .collect();
                         match cands.as_slice() {
                             [a] => *a,
-                            [] => return Err(missing(format!("not among {}'s symbols in vmlinux (inlined or discarded there)", g.file))),
-                            _ => return Err(missing(format!("{} symbols of {} match it by name", cands.len(), g.file))),
+                            [] => {
+                                return Err(missing(format!(
+                                    "not among {}'s symbols in vmlinux (inlined or discarded there)",
+                                    g.file
+                                )))
+                            }
+                            _ => {
+                                return Err(missing(format!(
+                                    "{} symbols of {} match it by name",
+                                    cands.len(),
+                                    g.file
+                                )))
+                            }
                         }
                     }
                 };
@@ -359,7 +395,9 @@ impl UnitNamer<'_> {
                         Err(_) => break,
                     }
                 }
-                Err(missing(format!("no FILE:NAME,POS of vmlinux names the one at {addr:#x}")))
+                Err(missing(format!(
+                    "no FILE:NAME,POS of vmlinux names the one at {addr:#x}"
+                )))
             }
             NamerKind::Module { syms, group } => {
                 let g = &syms.groups[*group];
@@ -377,7 +415,8 @@ impl UnitNamer<'_> {
                         (c.len() == 1).then(|| c[0])
                     })
                 };
-                let index = index.ok_or_else(|| missing(format!("not among {}'s symbols in {}.ko", g.file, syms.name)))?;
+                let index =
+                    index.ok_or_else(|| missing(format!("not among {}'s symbols in {}.ko", g.file, syms.name)))?;
                 let name = syms
                     .core
                     .iter()

@@ -98,7 +98,11 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
             t
         }
     };
-    let stem = cli.patches[0].file_stem().and_then(|s| s.to_str()).unwrap_or("patch").to_string();
+    let stem = cli.patches[0]
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("patch")
+        .to_string();
     let name = cli.name.clone().unwrap_or(stem);
     let description = cli.description.clone().unwrap_or_else(|| {
         let files: Vec<String> = cli
@@ -137,7 +141,11 @@ fn run(cli: &Cli) -> Result<(), Box<dyn std::error::Error>> {
                 kernel_id: signing::kernel_id_of(&tree.vmlinux)?,
                 version: cli.patch_version,
             };
-            progress(&format!("signed with key {} for kernel build {}", signing::fingerprint(&sk.verifying_key()), signing::hex(&binding.kernel_id)));
+            progress(&format!(
+                "signed with key {} for kernel build {}",
+                signing::fingerprint(&sk.verifying_key()),
+                signing::hex(&binding.kernel_id)
+            ));
             signing::sign(&bytes, &binding, &sk)?
         }
         None => bytes,

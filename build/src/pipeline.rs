@@ -105,6 +105,9 @@ pub struct Report {
     pub bytes: usize,
 }
 
+/// The symbol versions genksyms gave a unit's exports on one side: (unit, side, name → CRC).
+type UnitCrcs = (usize, Side, Vec<(String, String)>);
+
 /// Prints a progress line on stderr.
 pub fn progress(msg: &str) {
     eprintln!("lucos-build: {msg}");
@@ -120,7 +123,9 @@ fn parallel<T: Send, E: Send>(n: usize, jobs: Vec<T>, f: impl Fn(T) -> Result<()
                 if err.lock().map(|e| e.is_some()).unwrap_or(true) {
                     return;
                 }
-                let Some(job) = queue.lock().ok().and_then(|mut q| q.pop()) else { return };
+                let Some(job) = queue.lock().ok().and_then(|mut q| q.pop()) else {
+                    return;
+                };
                 if let Err(e) = f(job) {
                     if let Ok(mut slot) = err.lock() {
                         slot.get_or_insert(e);
@@ -212,7 +217,9 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
         }
     }
     if units.is_empty() {
-        return Err(BuildError::Refused("the diff changes no C file compiled in this kernel".into()));
+        return Err(BuildError::Refused(
+            "the diff changes no C file compiled in this kernel".into(),
+        ));
     }
     units.sort_by(|a, b| a.object.cmp(&b.object));
     let modules: Vec<String> = {
@@ -247,14 +254,11 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
             jobs.push((i, side, out));
         }
     }
-    let crc: Mutex<Vec<(usize, Side, Vec<(String, String)>)>> = Mutex::new(Vec::new());
+    let crc: Mutex<Vec<UnitCrcs>> = Mutex::new(Vec::new());
     parallel(opts.jobs, jobs, |(i, side, out)| -> Result<(), BuildError> {
         let u = &units[i];
         if let Some(d) = out.parent() {
-            std::fs::create_dir_all(d).map_err(|source| BuildError::Io {
-                path: d.into(),
-                source,
-            })?;
+            std::fs::create_dir_all(d).map_err(|source| BuildError::Io { path: d.into(), source })?;
         }
         let t = Instant::now();
         let cmds = compile::commands_with(tree, u, side, &scratch, &out, Some(&include))?;
@@ -266,20 +270,34 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
                 c.push((i, side, v));
             }
         }
-        progress(&format!("  CC {:8} {} ({:.1} s)", side.dir(), u.object, t.elapsed().as_secs_f64()));
+        progress(&format!(
+            "  CC {:8} {} ({:.1} s)",
+            side.dir(),
+            u.object,
+            t.elapsed().as_secs_f64()
+        ));
         Ok(())
     })?;
     let compile_s = tc.elapsed().as_secs_f64();
     // 5. Exported symbols' CRCs must not change.
     let crc = crc.into_inner().unwrap_or_default();
     for (i, u) in units.iter().enumerate() {
-        let get = |side: Side| crc.iter().find(|c| c.0 == i && c.1 == side).map(|c| c.2.clone()).unwrap_or_default();
+        let get = |side: Side| {
+            crc.iter()
+                .find(|c| c.0 == i && c.1 == side)
+                .map(|c| c.2.clone())
+                .unwrap_or_default()
+        };
         let (o, p) = (get(Side::Original), get(Side::Patched));
         let changed: Vec<String> = o
             .iter()
             .filter(|(n, v)| p.iter().any(|(pn, pv)| pn == n && pv != v))
             .map(|(n, v)| {
-                let nv = &p.iter().find(|(pn, _)| pn == n).map(|x| x.1.clone()).unwrap_or_default();
+                let nv = &p
+                    .iter()
+                    .find(|(pn, _)| pn == n)
+                    .map(|x| x.1.clone())
+                    .unwrap_or_default();
                 format!("{n} ({v} -> {nv})")
             })
             .collect();
@@ -301,7 +319,9 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
     let vsyms = VmlinuxSyms::read(&tree.vmlinux, &tree.build)?;
     let mut msyms = Vec::new();
     for m in &modules {
-        let ko = tree.module_ko(m).ok_or_else(|| BuildError::Refused(format!("module {m}: no {m}.ko in modules.order")))?;
+        let ko = tree
+            .module_ko(m)
+            .ok_or_else(|| BuildError::Refused(format!("module {m}: no {m}.ko in modules.order")))?;
         msyms.push(ModuleSyms::read(&ko, m)?);
     }
     let mut objs = Vec::new();
@@ -310,7 +330,10 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
         let p = Obj::read(&opts.work.join("patched").join(&u.object))?;
         objs.push((o, p));
     }
-    let facts: Vec<(Facts, Facts)> = objs.iter().map(|(o, p)| (Facts::new(o, &specials), Facts::new(p, &specials))).collect();
+    let facts: Vec<(Facts, Facts)> = objs
+        .iter()
+        .map(|(o, p)| (Facts::new(o, &specials), Facts::new(p, &specials)))
+        .collect();
     let diffs: Vec<UnitDiff> = facts
         .iter()
         .map(|(o, p)| diff::diff(o, p, &specials, ddebug_line, &changes))
@@ -332,10 +355,16 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
     for (i, d) in diffs.iter().enumerate() {
         let u = &units[i];
         for (f, why) in &d.changed {
-            progress(&format!("  changed: {} ({}): {why}", objs[i].1.symbols[*f].name, u.object));
+            progress(&format!(
+                "  changed: {} ({}): {why}",
+                objs[i].1.symbols[*f].name, u.object
+            ));
         }
         for n in &d.init_changed {
-            warnings.push(format!("{}: {n} is __init/__exit code: its change cannot be applied to a running kernel and is left out", u.object));
+            warnings.push(format!(
+                "{}: {n} is __init/__exit code: its change cannot be applied to a running kernel and is left out",
+                u.object
+            ));
         }
         init_changed.extend(d.init_changed.iter().cloned());
         for &r in &d.renewed {
@@ -421,7 +450,10 @@ const HEADERS: &[(&str, &str)] = &[
 ];
 
 fn write_headers(dir: &Path) -> Result<(), BuildError> {
-    std::fs::create_dir_all(dir).map_err(|source| BuildError::Io { path: dir.into(), source })?;
+    std::fs::create_dir_all(dir).map_err(|source| BuildError::Io {
+        path: dir.into(),
+        source,
+    })?;
     for (name, text) in HEADERS {
         let p = dir.join(name);
         std::fs::write(&p, text).map_err(|source| BuildError::Io { path: p, source })?;

@@ -74,9 +74,7 @@ impl Unit {
             source,
         })?;
         let abs = tree.src.join(rel).display().to_string();
-        Ok(text
-            .split(|c: char| c.is_whitespace())
-            .any(|w| w == abs || w == rel))
+        Ok(text.split(|c: char| c.is_whitespace()).any(|w| w == abs || w == rel))
     }
 }
 
