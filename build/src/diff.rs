@@ -719,3 +719,35 @@ mod tests {
         assert_eq!(normalize("x.1.2"), "x");
     }
 }
+
+/// Honours kpatch's `KPATCH_IGNORE_FUNCTION` and `KPATCH_IGNORE_SECTION` (kpatch-macros.h):
+/// functions they name, and functions in sections they name, are not changed. Returns the
+/// names left out.
+pub fn apply_ignores(p: &Facts, d: &mut UnitDiff) -> Vec<String> {
+    let obj = p.obj;
+    let mut funcs = HashSet::new();
+    let mut sections = HashSet::new();
+    for (si, s) in obj.sections.iter().enumerate() {
+        for r in &s.rels {
+            match (s.name.as_str(), p.landing(si, r)) {
+                (".kpatch.ignore.functions", Landing::Sym(i, _)) => {
+                    funcs.insert(i);
+                }
+                (".kpatch.ignore.sections", Landing::Str(t, off)) => {
+                    sections.insert(cstr_at(obj, t, off));
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut dropped = Vec::new();
+    d.changed.retain(|(f, _)| {
+        let sec = obj.symbols[*f].section.map(|i| obj.sections[i].name.as_bytes().to_vec());
+        let keep = !funcs.contains(f) && !sec.is_some_and(|n| sections.contains(&n));
+        if !keep {
+            dropped.push(obj.symbols[*f].name.clone());
+        }
+        keep
+    });
+    dropped
+}

@@ -95,6 +95,12 @@ pub struct Emitted {
     pub kernel_refs: usize,
 }
 
+/// Layout of a callback record (`struct lucos_callback` in lucos.h): size, offset of the
+/// wrapper's name (`entry`), offset of the pointer to the wrapper (`keep`).
+const CALLBACK_RECORD: u64 = 8 + 3 * NAME_MAX as u64 + 8;
+const CALLBACK_ENTRY: u64 = 8 + NAME_MAX as u64;
+const CALLBACK_KEEP: u64 = 8 + 3 * NAME_MAX as u64;
+
 /// Sections never shared between functions that are taken whole: string pools and
 /// constants without symbols, alternative replacements.
 fn whole_section(obj: &Obj, sec: usize) -> bool {
@@ -521,6 +527,31 @@ pub fn emit(
     for &pc in &pieces {
         let Some((sid, at)) = b.out_place(pc) else { continue };
         b.add_relocs((pc.unit, pc.sec), (pc.start, pc.end), (sid, at))?;
+    }
+    // A callback record names its wrapper, which may have been renamed (wrappers of the
+    // same name from several files): write the output name into the record.
+    for &pc in &pieces {
+        let p = units[pc.unit].p.obj;
+        if p.sections[pc.sec].name != ".lucos.callback" {
+            continue;
+        }
+        let Some((sid, at)) = b.out_place(pc) else { continue };
+        for r in p.sections[pc.sec].rels_in(pc.start, pc.end) {
+            let rec = (r.offset - pc.start) / CALLBACK_RECORD * CALLBACK_RECORD;
+            if r.offset - pc.start - rec != CALLBACK_KEEP {
+                continue;
+            }
+            let Landing::Sym(w, _) = units[pc.unit].p.landing(pc.sec, r) else { continue };
+            let Some(&id) = b.syms.get(&(pc.unit, w)) else { continue };
+            let name = b.out.symbol(id).name.clone();
+            let field = &mut b.out.section_mut(sid).data_mut()
+                [(at + rec + CALLBACK_ENTRY) as usize..(at + rec + CALLBACK_ENTRY) as usize + NAME_MAX];
+            if name.len() >= NAME_MAX {
+                return Err(EmitError::NameTooLong(String::from_utf8_lossy(&name).into()));
+            }
+            field.fill(0);
+            field[..name.len()].copy_from_slice(&name);
+        }
     }
     // Special tables: one output section per type, entries about the pieces' code.
     for sp in specials.all() {

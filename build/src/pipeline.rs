@@ -334,10 +334,15 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
         .iter()
         .map(|(o, p)| (Facts::new(o, &specials), Facts::new(p, &specials)))
         .collect();
-    let diffs: Vec<UnitDiff> = facts
+    let mut diffs: Vec<UnitDiff> = facts
         .iter()
         .map(|(o, p)| diff::diff(o, p, &specials, ddebug_line, &changes))
         .collect();
+    for (i, d) in diffs.iter_mut().enumerate() {
+        for n in diff::apply_ignores(&facts[i].1, d) {
+            warnings.push(format!("{}: {n} changed but is ignored (KPATCH_IGNORE_*)", units[i].object));
+        }
+    }
     let mut namers: Vec<UnitNamer> = Vec::new();
     for (i, u) in units.iter().enumerate() {
         let n = match &u.module {

@@ -64,8 +64,8 @@ fn fcntl_refuses_rw_hint_on_immutable_inode() {
 }
 
 #[test]
-fn time_namespace_offsets_validate_nanoseconds() {
-    fixed_live("timens-validate-nsec", "timens");
+fn o_tmpfile_refuses_an_unmapped_owner() {
+    fixed_live("tmpfile-unmapped-fsuid", "tmpfile");
 }
 
 #[test]
