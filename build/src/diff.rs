@@ -742,7 +742,9 @@ pub fn apply_ignores(p: &Facts, d: &mut UnitDiff) -> Vec<String> {
     }
     let mut dropped = Vec::new();
     d.changed.retain(|(f, _)| {
-        let sec = obj.symbols[*f].section.map(|i| obj.sections[i].name.as_bytes().to_vec());
+        let sec = obj.symbols[*f]
+            .section
+            .map(|i| obj.sections[i].name.as_bytes().to_vec());
         let keep = !funcs.contains(f) && !sec.is_some_and(|n| sections.contains(&n));
         if !keep {
             dropped.push(obj.symbols[*f].name.clone());

@@ -541,7 +541,9 @@ pub fn emit(
             if r.offset - pc.start - rec != CALLBACK_KEEP {
                 continue;
             }
-            let Landing::Sym(w, _) = units[pc.unit].p.landing(pc.sec, r) else { continue };
+            let Landing::Sym(w, _) = units[pc.unit].p.landing(pc.sec, r) else {
+                continue;
+            };
             let Some(&id) = b.syms.get(&(pc.unit, w)) else { continue };
             let name = b.out.symbol(id).name.clone();
             let field = &mut b.out.section_mut(sid).data_mut()

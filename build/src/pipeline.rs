@@ -340,7 +340,10 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
         .collect();
     for (i, d) in diffs.iter_mut().enumerate() {
         for n in diff::apply_ignores(&facts[i].1, d) {
-            warnings.push(format!("{}: {n} changed but is ignored (KPATCH_IGNORE_*)", units[i].object));
+            warnings.push(format!(
+                "{}: {n} changed but is ignored (KPATCH_IGNORE_*)",
+                units[i].object
+            ));
         }
     }
     let mut namers: Vec<UnitNamer> = Vec::new();

@@ -36,7 +36,10 @@ fn build(tag: &str, diff: &str) -> (bool, String, Option<Vec<u8>>) {
 fn diff(file: &str, old: &str, new: &[&str]) -> String {
     let text = std::fs::read_to_string(root().join("images/out/src").join(file)).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let at = lines.iter().position(|l| *l == old).unwrap_or_else(|| panic!("'{old}' not in {file}"));
+    let at = lines
+        .iter()
+        .position(|l| *l == old)
+        .unwrap_or_else(|| panic!("'{old}' not in {file}"));
     let (lo, hi) = (at.saturating_sub(3), (at + 4).min(lines.len()));
     let mut d = format!(
         "--- a/{file}\n+++ b/{file}\n@@ -{},{} +{},{} @@\n",
@@ -60,19 +63,30 @@ fn diff(file: &str, old: &str, new: &[&str]) -> String {
 
 #[test]
 fn a_comment_in_a_header_rebuilds_its_includers_and_changes_nothing() {
-    let d = diff("fs/proc/fd.h", "static inline unsigned int proc_fd(struct inode *inode)", &[
-        "/* the fd an inode of /proc/PID/fd stands for */",
+    let d = diff(
+        "fs/proc/fd.h",
         "static inline unsigned int proc_fd(struct inode *inode)",
-    ]);
+        &[
+            "/* the fd an inode of /proc/PID/fd stands for */",
+            "static inline unsigned int proc_fd(struct inode *inode)",
+        ],
+    );
     let (ok, err, ko) = build("header", &d);
     assert!(!ok && ko.is_none(), "{err}");
-    assert!(err.contains("fs/proc/base.o") && err.contains("fs/proc/fd.o"), "both includers compiled: {err}");
+    assert!(
+        err.contains("fs/proc/base.o") && err.contains("fs/proc/fd.o"),
+        "both includers compiled: {err}"
+    );
     assert!(err.contains("no functions changed"), "{err}");
 }
 
 #[test]
 fn a_changed_initial_value_of_existing_data_is_refused() {
-    let d = diff("kernel/time/clocksource.c", "static int verify_n_cpus = 8;", &["static int verify_n_cpus = 9;"]);
+    let d = diff(
+        "kernel/time/clocksource.c",
+        "static int verify_n_cpus = 8;",
+        &["static int verify_n_cpus = 9;"],
+    );
     let (ok, err, ko) = build("data", &d);
     assert!(!ok && ko.is_none(), "{err}");
     assert!(err.contains("existing data 'verify_n_cpus'"), "{err}");
@@ -86,18 +100,25 @@ fn assembly_and_unbuilt_files_are_refused_before_compiling() {
     assert!(!err.contains("compiling"), "refused before compiling: {err}");
     let unbuilt = "--- a/drivers/gpu/drm/drm_file.c\n+++ b/drivers/gpu/drm/drm_file.c\n@@ -1,1 +1,2 @@\n x\n+y\n";
     let (ok, err, _) = build("unbuilt", unbuilt);
-    assert!(!ok && err.contains("not compiled in this kernel's configuration"), "{err}");
+    assert!(
+        !ok && err.contains("not compiled in this kernel's configuration"),
+        "{err}"
+    );
 }
 
 /// A change to setitimer(): its printk_once flag (`__already_done`) is the running kernel's (the warning it
 /// already printed is not printed again), not a new copy in the patch.
 #[test]
 fn run_once_state_stays_the_kernels() {
-    let d = diff("kernel/time/itimer.c", "	error = do_setitimer(which, &set_buffer, ovalue ? &get_buffer : NULL);", &[
-        "	if (which < 0)",
-        "		return -EINVAL;",
+    let d = diff(
+        "kernel/time/itimer.c",
         "	error = do_setitimer(which, &set_buffer, ovalue ? &get_buffer : NULL);",
-    ]);
+        &[
+            "	if (which < 0)",
+            "		return -EINVAL;",
+            "	error = do_setitimer(which, &set_buffer, ovalue ? &get_buffer : NULL);",
+        ],
+    );
     let (ok, err, ko) = build("once", &d);
     assert!(ok, "{err}");
     let ko = ko.unwrap();
