@@ -170,9 +170,10 @@ impl Reservation<'_> {
         };
         let mut funcs = Vec::new();
         for (r, &(old_addr, old_size)) in m.replaces.iter().zip(olds) {
-            let mut head = [0u8; 16];
+            let mut head = [0u8; 32];
             g.read(old_addr, &mut head)?;
-            let site = old_addr + runpre::patch_offset(&head) as u64;
+            let off = runpre::patch_offset(&head);
+            let site = old_addr + off as u64;
             // link() checked every replacement against its section.
             let new_addr = linked
                 .addr_of(r.new_load_idx, r.new_offset)
@@ -183,13 +184,15 @@ impl Reservation<'_> {
                     target: new_addr,
                 })
             })?;
-            // What the site must hold now: the previous lucos jump if stacked, else ftrace's nop.
+            // What the site must hold now: the previous lucos jump if stacked, else ftrace's
+            // nop, else (a function without one) the whole instructions the jump overwrites.
             let expected = match self.mgr.sites.get(&site).and_then(|v| v.last()) {
                 Some(&prev) => self.mgr.jump_of(prev, site).unwrap_or(FTRACE_NOP.to_vec()),
-                None => FTRACE_NOP.to_vec(),
+                None if head[off..].starts_with(&FTRACE_NOP) => FTRACE_NOP.to_vec(),
+                None => no_nop_head(g, &r.old_name, site, old_addr + old_size)?,
             };
-            let off = (site - old_addr) as usize;
             runpre::check_site(&r.old_name, site, &head[off..], &expected)?;
+            let jump = runpre::padded_jump(jump, expected.len());
             funcs.push(FuncPatch {
                 old_name: r.old_name.clone(),
                 old_addr,
@@ -198,7 +201,7 @@ impl Reservation<'_> {
                 new_addr,
                 site,
                 saved: expected,
-                jump: jump.to_vec(),
+                jump,
             });
         }
         let callbacks = m
@@ -367,14 +370,37 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         let pause = g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             outcome = (|| {
                 for v in vcpus {
-                    if let Some(f) = funcs.iter().find(|f| v.rip > f.site && v.rip < f.site + JMP_LEN as u64) {
+                    if let Some(f) = funcs
+                        .iter()
+                        .find(|f| v.rip > f.site && v.rip < f.site + f.saved.len() as u64)
+                    {
                         last = format!("vCPU {} at {:#x} inside the site of {}", v.id, v.rip, f.old_name);
+                        return Ok(false);
+                    }
+                }
+                // Sites that overwrite the function's own instructions (no ftrace NOP): no
+                // interrupted context or return address on any stack may point past the
+                // first of them, or it would resume inside the jump.
+                let heads: Vec<(u64, u64, String)> = funcs
+                    .iter()
+                    .filter(|f| f.saved.len() > JMP_LEN || (f.saved != FTRACE_NOP && !is_jump(&f.saved)))
+                    .map(|f| {
+                        (
+                            f.site + 1,
+                            f.site + f.saved.len() as u64 - 1,
+                            format!("the overwritten head of {}", f.old_name),
+                        )
+                    })
+                    .collect();
+                if install && !heads.is_empty() {
+                    if let Some(b) = find_blockers(g, vcpus, &heads)?.into_iter().next() {
+                        last = format!("{} at {}", b.who, b.at);
                         return Ok(false);
                     }
                 }
                 for f in funcs {
                     let from = if install { &f.saved } else { &f.jump };
-                    let mut cur = vec![0u8; JMP_LEN];
+                    let mut cur = vec![0u8; from.len()];
                     g.read(f.site, &mut cur)?;
                     if &cur != from {
                         return Err(ApplyError::RunPre(SiteError::Changed {
@@ -471,6 +497,29 @@ fn write_sites(g: &dyn Guest, funcs: &[FuncPatch], install: bool) -> Result<(), 
     }
     Ok(())
 }
+
+/// The bytes a jump overwrites in `name`, a function with no ftrace NOP whose code runs
+/// from `site` to `end` ([`runpre::overwrite_len`] says which are safe to overwrite).
+fn no_nop_head(g: &dyn Guest, name: &str, site: u64, end: u64) -> Result<Vec<u8>, ApplyError> {
+    let len = end.saturating_sub(site).min(MAX_FUNC_SCAN);
+    let mut code = vec![0u8; len as usize];
+    g.read(site, &mut code)?;
+    let n = runpre::overwrite_len(name, site, &code)?;
+    log::info!(
+        "{name} has no ftrace NOP: the jump overwrites {n} bytes of whole instructions ({})",
+        runpre::disasm(&code[..n], site, 4)
+    );
+    code.truncate(n);
+    Ok(code)
+}
+
+/// A `jmp rel32` (a stacked lucos jump over an ftrace NOP).
+fn is_jump(b: &[u8]) -> bool {
+    b.len() == JMP_LEN && b[0] == 0xe9
+}
+
+/// How much of a function without an ftrace NOP is decoded to find branches into its head.
+const MAX_FUNC_SCAN: u64 = 256 << 10;
 
 /// The module name the guest kernel shows for a patch (`[lucos_NAME]` in stack traces):
 /// the patch name with anything but `[A-Za-z0-9_]` made `_`.

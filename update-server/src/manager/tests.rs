@@ -659,3 +659,33 @@ fn a_failed_or_panicking_apply_frees_its_memory() {
     assert_eq!(mgr.alloc.free_bytes(), region - crate::alloc::PAGE);
     assert_eq!(mgr.get(id).unwrap().state, PatchState::Committed);
 }
+
+/// A function without ftrace's NOP: the jump overwrites whole instructions, padded with
+/// `int3`, only while no stack holds an address inside them; rollback puts them back.
+#[test]
+fn a_function_without_the_nop_gets_whole_instructions_overwritten() {
+    let g = apply_guest();
+    // push rbp; mov rbp,rsp; sub rsp,16 (8 bytes), then `add [rax],al`s.
+    let head = [0x55, 0x48, 0x89, 0xe5, 0x48, 0x83, 0xec, 0x10];
+    g.write(F1, &head).unwrap();
+    *g.task_list.lock().unwrap() = vec![task(1, STACK, 0, None)];
+    // A task interrupted right after `push rbp`: its saved RIP lies inside the head.
+    g.write(STACK + 0x800, &(F1 + 1).to_le_bytes()).unwrap();
+    let mut m = Manager::new(&g);
+    let e = m.apply(&g, &module_for(&["f1"], false)).unwrap_err();
+    assert!(matches!(e, ApplyError::Busy(_)), "{e}");
+    assert!(e.to_string().contains("overwritten head of f1"), "{e}");
+    let mut now = [0u8; 8];
+    g.read(F1, &mut now).unwrap();
+    assert_eq!(now, head, "nothing written");
+    // Once it has moved on, the head is replaced: a jump and three int3s.
+    g.write(STACK + 0x800, &0u64.to_le_bytes()).unwrap();
+    let id = m.apply(&g, &module_for(&["f1"], false)).unwrap();
+    g.read(F1, &mut now).unwrap();
+    assert_eq!(now[0], 0xe9);
+    assert_eq!(now[5..], [0xcc; 3]);
+    m.rollback(&g, id).unwrap();
+    m.check_all(&g);
+    g.read(F1, &mut now).unwrap();
+    assert_eq!(now, head, "the original instructions are back");
+}
