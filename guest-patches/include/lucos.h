@@ -23,7 +23,7 @@
 #include <linux/sched.h>
 
 #define LUCOS_NAME_MAX 128
-#define LUCOS_ABI_VERSION 1
+#define LUCOS_ABI_VERSION 2
 
 struct lucos_replace {
 	char old_name[LUCOS_NAME_MAX];	/* kernel function to replace */
@@ -104,12 +104,15 @@ struct lucos_callback {
 	u32 timeout_ms;			/* 0: the server's default (1 s) */
 	char name[LUCOS_NAME_MAX];	/* the patch author's function, for messages */
 	char entry[LUCOS_NAME_MAX];	/* the wrapper the server calls */
+	char object[LUCOS_NAME_MAX];	/* its object: a module's name, "" for vmlinux */
 	void *keep;			/* keeps the wrapper alive; unused by the server */
 };
 
-#define LUCOS_CB_APPLY	1
-#define LUCOS_CB_REVERT	2
-#define LUCOS_CB_THREAD	3
+#define LUCOS_CB_APPLY		1
+#define LUCOS_CB_REVERT		2
+#define LUCOS_CB_THREAD		3
+#define LUCOS_CB_PRE_APPLY	4
+#define LUCOS_CB_PRE_REVERT	5
 
 /*
  * Callbacks are guest code that the update server runs from outside the guest: it picks a
@@ -139,9 +142,15 @@ static __always_inline void lucos_cb_exit(void)
 	ct_irq_exit();
 }
 
-#define __LUCOS_CALLBACK(k, fn, ms, call)					\
-	static noinline unsigned long __lucos_cb_##fn(unsigned long a0,	\
-						      unsigned long a1)	\
+/*
+ * A callback record of kind `k` for the author's function `fn`, belonging to object `obj`
+ * (a module name, or "" for vmlinux: the server passes that module's struct module as a0,
+ * and refuses the patch while it is not loaded), called through `wrapper(a0, a1)`, which
+ * evaluates `call`; `ms` is its time limit (0: the default).
+ */
+#define __LUCOS_CALLBACK_AS(k, obj, fn, wrapper, ms, call)			\
+	static noinline unsigned long wrapper(unsigned long a0,		\
+					      unsigned long a1)		\
 	{									\
 		unsigned long r;						\
 		lucos_cb_enter();						\
@@ -149,15 +158,26 @@ static __always_inline void lucos_cb_exit(void)
 		lucos_cb_exit();						\
 		return r;							\
 	}									\
-	static const struct lucos_callback __lucos_cbrec_##fn			\
+	static const struct lucos_callback __lucos_cbrec_##wrapper		\
 	__used __section(".lucos.callback") __aligned(8) = {			\
 		.kind = (k),							\
 		.timeout_ms = (ms),						\
 		.name = #fn,							\
-		.entry = "__lucos_cb_" #fn,					\
-		.keep = (void *)__lucos_cb_##fn,				\
+		.entry = #wrapper,						\
+		.object = obj,							\
+		.keep = (void *)wrapper,					\
 	}
 
+#define __LUCOS_CALLBACK(k, fn, ms, call)					\
+	__LUCOS_CALLBACK_AS(k, "", fn, __lucos_cb_##fn, ms, call)
+
+/*
+ * int fn(void): run once before the jumps are installed, with the patch code in place but
+ * unreachable; a non-zero return refuses the patch (nothing is changed in the guest).
+ */
+#define LUCOS_PRE_APPLY_CALLBACK(fn) __LUCOS_CALLBACK(LUCOS_CB_PRE_APPLY, fn, 0, fn())
+/* int fn(void): run once before a rollback restores the original code (result logged). */
+#define LUCOS_PRE_REVERT_CALLBACK(fn) __LUCOS_CALLBACK(LUCOS_CB_PRE_REVERT, fn, 0, fn())
 /* int fn(void): run once, right after the jumps are installed (patch applied). */
 #define LUCOS_APPLY_CALLBACK(fn) __LUCOS_CALLBACK(LUCOS_CB_APPLY, fn, 0, fn())
 /* int fn(void): run once, right after the original code is restored (rollback). */

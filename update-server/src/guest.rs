@@ -189,6 +189,14 @@ pub trait Guest: Send + Sync {
     /// longer than `limit` stops it and is returned as an error. Never inside
     /// `stop_the_world` (the other vCPUs keep running during the call).
     fn call(&self, func: u64, args: [u64; 2], limit: Duration) -> Result<u64, GuestError>;
+    /// The `struct module` address of the guest module `name`, which must be loaded and
+    /// live; an error naming the module otherwise (lucos refuses patches that need a
+    /// module the guest has not loaded).
+    fn loaded_module(&self, name: &str) -> Result<u64, GuestError> {
+        Err(GuestError::Refused(format!(
+            "the patch needs the guest module '{name}', and this VMM cannot look modules up"
+        )))
+    }
     /// Guest pages that are write-protected right now (read-only memslots in KVM).
     fn readonly_pages(&self) -> u64;
     /// The running kernel's CPU capability words (`boot_cpu_data.x86_capability`): what it

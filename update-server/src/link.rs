@@ -583,6 +583,7 @@ mod tests {
             kind: crate::module::CallbackKind::Apply,
             name: "cb".into(),
             entry: "__lucos_cb_cb".into(),
+            object: String::new(),
             load_idx: 1,
             offset: 0,
             limit: std::time::Duration::from_secs(1),

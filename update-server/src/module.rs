@@ -15,7 +15,10 @@ pub const NAME_MAX: usize = 128;
 const REPLACE_RECORD: usize = 2 * NAME_MAX + 8;
 const INFO_RECORD: usize = 4 + NAME_MAX + 256;
 const DATA_RECORD: usize = NAME_MAX + 16;
-const CALLBACK_RECORD: usize = 8 + 2 * NAME_MAX + 8;
+/// `struct lucos_callback` of ABI 2: kind, timeout, name, entry, object, keep.
+const CALLBACK_RECORD: usize = 8 + 3 * NAME_MAX + 8;
+/// ...and of ABI 1, which had no `object`.
+const CALLBACK_RECORD_V1: usize = 8 + 2 * NAME_MAX + 8;
 /// Time limit of a callback that does not set one.
 pub const DEFAULT_CALLBACK_LIMIT: Duration = Duration::from_secs(1);
 /// Largest section alignment accepted: the patch image itself is only page aligned.
@@ -23,8 +26,11 @@ pub const MAX_ALIGN: u64 = 4096;
 /// The most bytes an image may take when the caller does not know the patch region's size
 /// ([`PatchModule::parse`]): the VMM's whole patch region.
 pub const DEFAULT_MAX_IMAGE: u64 = 16 << 20;
-/// Version of the lucos record ABI (first word of `.lucos.info`) that this server accepts.
-pub const ABI_VERSION: u32 = 1;
+/// Version of the lucos record ABI (first word of `.lucos.info`) that lucos.h writes: 2 added
+/// the callbacks' `object` and the pre-apply and pre-revert kinds.
+pub const ABI_VERSION: u32 = 2;
+/// The oldest ABI version this server still reads (1: callback records without `object`).
+pub const MIN_ABI_VERSION: u32 = 1;
 
 /// Why a `.ko` file is rejected as a patch module.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -45,8 +51,8 @@ pub enum ModuleError {
         /// Record size in bytes expected for that section.
         record: usize,
     },
-    /// `.lucos.info` declares an ABI version other than [`ABI_VERSION`].
-    #[error("lucos ABI version {0} is not supported (expected {ABI_VERSION})")]
+    /// `.lucos.info` declares an ABI version outside [`MIN_ABI_VERSION`]..=[`ABI_VERSION`].
+    #[error("lucos ABI version {0} is not supported (expected {MIN_ABI_VERSION} to {ABI_VERSION})")]
     AbiVersion(u32),
     /// A record's name field has no NUL within its bytes or is not UTF-8.
     #[error("record field is not a NUL-terminated name")]
@@ -69,7 +75,8 @@ pub enum ModuleError {
         /// Divisor found in the record.
         div: u64,
     },
-    /// A `.lucos.callback` record's kind is not 1 (apply), 2 (revert) or 3 (thread).
+    /// A `.lucos.callback` record's kind is not 1 (apply), 2 (revert), 3 (thread), 4
+    /// (pre-apply) or 5 (pre-revert).
     #[error("callback record '{name}' has unknown kind {kind}")]
     BadCallbackKind {
         /// The author's callback function.
@@ -262,6 +269,10 @@ pub enum CallbackKind {
     Revert,
     /// For each task found in old code, once it has left it.
     Thread,
+    /// Once, before the jumps are installed: a non-zero return refuses the patch.
+    PreApply,
+    /// Once, before the original code is restored (its result is only logged).
+    PreRevert,
 }
 
 impl CallbackKind {
@@ -271,6 +282,8 @@ impl CallbackKind {
             CallbackKind::Apply => "apply",
             CallbackKind::Revert => "revert",
             CallbackKind::Thread => "thread",
+            CallbackKind::PreApply => "pre-apply",
+            CallbackKind::PreRevert => "pre-revert",
         }
     }
 }
@@ -284,6 +297,10 @@ pub struct Callback {
     pub name: String,
     /// The wrapper the server calls.
     pub entry: String,
+    /// The object the callback belongs to: a guest module's name, or empty for vmlinux.
+    /// The server passes that module's `struct module` address (0 for vmlinux) as the
+    /// wrapper's first argument, and refuses the patch while the module is not loaded.
+    pub object: String,
     /// Index into [`PatchModule::sections`] of the section holding `entry`.
     pub load_idx: usize,
     /// Byte offset of `entry` within that section.
@@ -292,24 +309,53 @@ pub struct Callback {
     pub limit: Duration,
 }
 
-/// A callback record before its entry is looked up: (kind, name, entry, limit).
-pub fn parse_callback_records(d: &[u8]) -> Result<Vec<(CallbackKind, String, String, Duration)>, ModuleError> {
-    records(d, ".lucos.callback", CALLBACK_RECORD)?
+/// A callback record before its entry is looked up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallbackRecord {
+    /// When it runs.
+    pub kind: CallbackKind,
+    /// The author's function.
+    pub name: String,
+    /// The wrapper to call.
+    pub entry: String,
+    /// Its object: a module name, or empty for vmlinux (always empty in ABI 1).
+    pub object: String,
+    /// Its time limit.
+    pub limit: Duration,
+}
+
+/// The `.lucos.callback` records of a module of ABI version `abi`.
+pub fn parse_callback_records(d: &[u8], abi: u32) -> Result<Vec<CallbackRecord>, ModuleError> {
+    let size = if abi < 2 { CALLBACK_RECORD_V1 } else { CALLBACK_RECORD };
+    records(d, ".lucos.callback", size)?
         .map(|rec| {
             let word = |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap_or([0; 4]));
             let name = cstr(&rec[8..8 + NAME_MAX])?;
             let entry = cstr(&rec[8 + NAME_MAX..8 + 2 * NAME_MAX])?;
+            let object = if abi < 2 {
+                String::new()
+            } else {
+                cstr(&rec[8 + 2 * NAME_MAX..8 + 3 * NAME_MAX])?
+            };
             let kind = match word(0) {
                 1 => CallbackKind::Apply,
                 2 => CallbackKind::Revert,
                 3 => CallbackKind::Thread,
+                4 => CallbackKind::PreApply,
+                5 => CallbackKind::PreRevert,
                 kind => return Err(ModuleError::BadCallbackKind { name, kind }),
             };
             let limit = match word(4) {
                 0 => DEFAULT_CALLBACK_LIMIT,
                 ms => Duration::from_millis(u64::from(ms)),
             };
-            Ok((kind, name, entry, limit))
+            Ok(CallbackRecord {
+                kind,
+                name,
+                entry,
+                object,
+                limit,
+            })
         })
         .collect()
 }
@@ -662,7 +708,7 @@ impl PatchModule {
         }
 
         // .lucos.info
-        let (mut name, mut description) = (String::from("unnamed"), String::new());
+        let (mut name, mut description, mut abi) = (String::from("unnamed"), String::new(), ABI_VERSION);
         if let Some(sec) = file.section_by_name(".lucos.info") {
             let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
             if d.len() != INFO_RECORD {
@@ -672,8 +718,8 @@ impl PatchModule {
                     record: INFO_RECORD,
                 });
             }
-            let abi = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
-            if abi != ABI_VERSION {
+            abi = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
+            if !(MIN_ABI_VERSION..=ABI_VERSION).contains(&abi) {
                 return Err(ModuleError::AbiVersion(abi));
             }
             name = cstr(&d[4..4 + NAME_MAX])?;
@@ -743,15 +789,17 @@ impl PatchModule {
         let mut callbacks = Vec::new();
         if let Some(sec) = file.section_by_name(".lucos.callback") {
             let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
-            for (kind, name, entry, limit) in parse_callback_records(d)? {
-                let (load_idx, offset) = code_symbol(&entry)?.ok_or_else(|| ModuleError::NoCallback(entry.clone()))?;
+            for r in parse_callback_records(d, abi)? {
+                let (load_idx, offset) =
+                    code_symbol(&r.entry)?.ok_or_else(|| ModuleError::NoCallback(r.entry.clone()))?;
                 callbacks.push(Callback {
-                    kind,
-                    name,
-                    entry,
+                    kind: r.kind,
+                    name: r.name,
+                    entry: r.entry,
+                    object: r.object,
                     load_idx,
                     offset,
-                    limit,
+                    limit: r.limit,
                 });
             }
         }
@@ -847,46 +895,56 @@ pub(crate) mod tests {
         assert_eq!(m.functions[0].name, "new_fn");
     }
 
-    fn callback_record(kind: u32, ms: u32, name: &str) -> Vec<u8> {
+    fn callback_record(kind: u32, ms: u32, name: &str, object: &str) -> Vec<u8> {
         let mut r = vec![0u8; CALLBACK_RECORD];
         r[..4].copy_from_slice(&kind.to_le_bytes());
         r[4..8].copy_from_slice(&ms.to_le_bytes());
         r[8..8 + name.len()].copy_from_slice(name.as_bytes());
         let entry = format!("__lucos_cb_{name}");
         r[8 + NAME_MAX..8 + NAME_MAX + entry.len()].copy_from_slice(entry.as_bytes());
+        r[8 + 2 * NAME_MAX..8 + 2 * NAME_MAX + object.len()].copy_from_slice(object.as_bytes());
         r
+    }
+
+    fn rec(kind: CallbackKind, name: &str, object: &str, limit: Duration) -> CallbackRecord {
+        CallbackRecord {
+            kind,
+            name: name.into(),
+            entry: format!("__lucos_cb_{name}"),
+            object: object.into(),
+            limit,
+        }
     }
 
     #[test]
     fn callback_records() {
-        let mut d = callback_record(1, 0, "unlock");
-        d.extend(callback_record(3, 250, "per_task"));
-        let cbs = parse_callback_records(&d).unwrap();
+        let mut d = callback_record(1, 0, "unlock", "");
+        d.extend(callback_record(3, 250, "per_task", ""));
+        d.extend(callback_record(4, 0, "pre", "joydev"));
+        d.extend(callback_record(5, 0, "unpre", "joydev"));
         assert_eq!(
-            cbs,
+            parse_callback_records(&d, ABI_VERSION).unwrap(),
             vec![
-                (
-                    CallbackKind::Apply,
-                    "unlock".into(),
-                    "__lucos_cb_unlock".into(),
-                    DEFAULT_CALLBACK_LIMIT
-                ),
-                (
-                    CallbackKind::Thread,
-                    "per_task".into(),
-                    "__lucos_cb_per_task".into(),
-                    Duration::from_millis(250)
-                ),
+                rec(CallbackKind::Apply, "unlock", "", DEFAULT_CALLBACK_LIMIT),
+                rec(CallbackKind::Thread, "per_task", "", Duration::from_millis(250)),
+                rec(CallbackKind::PreApply, "pre", "joydev", DEFAULT_CALLBACK_LIMIT),
+                rec(CallbackKind::PreRevert, "unpre", "joydev", DEFAULT_CALLBACK_LIMIT),
             ]
         );
         assert!(matches!(
-            parse_callback_records(&callback_record(9, 0, "x")),
+            parse_callback_records(&callback_record(9, 0, "x", ""), ABI_VERSION),
             Err(ModuleError::BadCallbackKind { kind: 9, .. })
         ));
         assert!(matches!(
-            parse_callback_records(&d[..100]),
+            parse_callback_records(&d[..100], ABI_VERSION),
             Err(ModuleError::BadRecords { .. })
         ));
+        // ABI 1 records have no object.
+        let v1: Vec<u8> = callback_record(2, 0, "undo", "")[..CALLBACK_RECORD_V1].to_vec();
+        assert_eq!(
+            parse_callback_records(&v1, 1).unwrap(),
+            vec![rec(CallbackKind::Revert, "undo", "", DEFAULT_CALLBACK_LIMIT)]
+        );
     }
 
     fn record(name: &str, mul: u64, div: u64) -> Vec<u8> {

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use log::{info, warn};
 
+use super::callbacks::call_each;
 use super::inspect::find_blockers;
 use super::patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchState};
 use super::transfer::transfer_data;
@@ -215,6 +216,12 @@ impl Reservation<'_> {
                         .addr_of(c.load_idx, c.offset)
                         .ok_or_else(|| outside(&c.entry, c.load_idx, c.offset))?,
                     limit_ms: c.limit.as_millis() as u64,
+                    object: c.object.clone(),
+                    // A callback of a module runs only while that module is loaded.
+                    module: match c.object.as_str() {
+                        "" => 0,
+                        o => g.loaded_module(o)?,
+                    },
                 })
             })
             .collect::<Result<Vec<_>, ApplyError>>()?;
@@ -223,6 +230,15 @@ impl Reservation<'_> {
         if let Some((at, meta, _)) = &reg {
             g.write(*at, meta)?;
         }
+        // Pre-apply callbacks run on the copied-in code before any jump exists: a failure
+        // refuses the patch and the reservation frees the memory.
+        let mut callback_log = Vec::new();
+        let pre: Vec<PatchCallback> = callbacks
+            .iter()
+            .filter(|c| c.kind == CallbackKind::PreApply)
+            .cloned()
+            .collect();
+        call_each(g, &format!("patch '{}'", m.name), &pre, None, &mut callback_log).map_err(ApplyError::Refused)?;
         let id = self.mgr.next_id;
         let image = (base, base + image_size);
         // With thread callbacks, the tasks still in old code are found in the same pause.
@@ -282,7 +298,7 @@ impl Reservation<'_> {
             checks: 0,
             blockers: vec![],
             callbacks,
-            callback_log: vec![],
+            callback_log,
             thread_watch: in_old.iter().filter_map(|b| b.task).collect(),
             transition_started: Some(Instant::now()),
         });

@@ -24,31 +24,47 @@ impl Manager {
             .get(id)
             .map(|p| p.callbacks.iter().filter(|c| c.kind == kind).cloned().collect())
             .unwrap_or_default();
-        for c in cbs {
-            let args = task.map(|(pid, t)| [t, pid as u64]).unwrap_or([0, 0]);
-            let t0 = Instant::now();
-            let r = g.call(c.addr, args, Duration::from_millis(c.limit_ms));
-            let took = t0.elapsed().as_micros();
-            let on = task.map(|(pid, _)| format!(" for task {pid}")).unwrap_or_default();
-            let (line, failed) = match r {
-                Ok(0) => (format!("{}{on}: returned 0 ({took} us)", c.describe()), None),
-                Ok(v) => {
-                    let why = format!("{}{on} failed: it returned {}", c.describe(), v as i64);
-                    (why.clone(), Some(why))
-                }
-                Err(e) => {
-                    let why = format!("{}{on} failed: {e}", c.describe());
-                    (why.clone(), Some(why))
-                }
-            };
-            info!("patch {id}: {line}");
-            if let Ok(p) = self.get_mut(id) {
-                p.callback_log.push(line);
-            }
-            if let Some(why) = failed {
-                return Err(why);
-            }
+        let mut log = Vec::new();
+        let r = call_each(g, &format!("patch {id}"), &cbs, task, &mut log);
+        if let Ok(p) = self.get_mut(id) {
+            p.callback_log.extend(log);
         }
-        Ok(())
+        r
     }
+}
+
+/// Runs each of `cbs` in the guest in order, until one fails; appends a line per callback to
+/// `log`. A thread callback gets the task's `task_struct` and pid; any other its object's
+/// `struct module` address (0 for vmlinux). The first failure is returned as a message.
+pub(super) fn call_each(
+    g: &dyn Guest,
+    who: &str,
+    cbs: &[PatchCallback],
+    task: Option<(i32, u64)>,
+    log: &mut Vec<String>,
+) -> Result<(), String> {
+    for c in cbs {
+        let args = task.map(|(pid, t)| [t, pid as u64]).unwrap_or([c.module, 0]);
+        let t0 = Instant::now();
+        let r = g.call(c.addr, args, Duration::from_millis(c.limit_ms));
+        let took = t0.elapsed().as_micros();
+        let on = task.map(|(pid, _)| format!(" for task {pid}")).unwrap_or_default();
+        let (line, failed) = match r {
+            Ok(0) => (format!("{}{on}: returned 0 ({took} us)", c.describe()), None),
+            Ok(v) => {
+                let why = format!("{}{on} failed: it returned {}", c.describe(), v as i64);
+                (why.clone(), Some(why))
+            }
+            Err(e) => {
+                let why = format!("{}{on} failed: {e}", c.describe());
+                (why.clone(), Some(why))
+            }
+        };
+        info!("{who}: {line}");
+        log.push(line);
+        if let Some(why) = failed {
+            return Err(why);
+        }
+    }
+    Ok(())
 }

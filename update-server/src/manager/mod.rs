@@ -140,6 +140,9 @@ pub enum ApplyError {
         /// Which callback failed and how (and whether rolling back failed too).
         what: String,
     },
+    /// A pre-apply callback refused the patch (or failed); nothing was changed in the guest.
+    #[error("{0}: the patch was not applied")]
+    Refused(String),
     /// A revert callback failed after the original code was restored; the rollback stands.
     #[error("patch {id}: original code restored, but {what}")]
     RevertCallback {

@@ -91,11 +91,19 @@ pub struct PatchCallback {
     pub addr: u64,
     /// Longest the callback may run in the guest, in milliseconds.
     pub limit_ms: u64,
+    /// Its object: a guest module's name, or empty for vmlinux.
+    pub object: String,
+    /// That module's `struct module` address when the patch was applied (0 for vmlinux):
+    /// the first argument of every call but a thread callback's.
+    pub module: u64,
 }
 
 impl PatchCallback {
     pub(super) fn describe(&self) -> String {
-        format!("{} callback '{}'", self.kind.as_str(), self.name)
+        match self.object.as_str() {
+            "" => format!("{} callback '{}'", self.kind.as_str(), self.name),
+            o => format!("{} callback '{}' of {o}", self.kind.as_str(), self.name),
+        }
     }
 }
 

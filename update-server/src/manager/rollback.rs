@@ -48,6 +48,12 @@ impl Manager {
                 }
             }
         }
+        // Pre-revert callbacks run with the patch still live; their failure is reported in
+        // the patch's callback log, and the rollback goes on (as kpatch's pre-unpatch
+        // callbacks, which return nothing).
+        if let Err(what) = self.run_callbacks(g, id, CallbackKind::PreRevert, None) {
+            warn!("patch {id}: {what}; rolling back anyway");
+        }
         self.restore(g, id)?;
         if let Err(what) = self.run_callbacks(g, id, CallbackKind::Revert, None) {
             let _ = self.check(g, id);

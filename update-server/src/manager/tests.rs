@@ -238,6 +238,8 @@ fn cb(kind: CallbackKind, name: &str, addr: u64) -> PatchCallback {
         name: name.into(),
         addr,
         limit_ms: 100,
+        object: String::new(),
+        module: 0,
     }
 }
 
@@ -688,4 +690,66 @@ fn a_function_without_the_nop_gets_whole_instructions_overwritten() {
     m.check_all(&g);
     g.read(F1, &mut now).unwrap();
     assert_eq!(now, head, "the original instructions are back");
+}
+
+/// A module replacing `f1`, with one callback of `kind` (of `object`) at the patch region's
+/// FAILING_CB address (it returns -1) or at its start (it returns 0).
+fn module_with_callback(kind: CallbackKind, object: &str, failing: bool) -> crate::module::PatchModule {
+    let mut m = module_for(&["f1"], false);
+    m.sections[0].data = vec![0xc3; 0x1000];
+    m.callbacks.push(crate::module::Callback {
+        kind,
+        name: "cb".into(),
+        entry: "__lucos_cb_cb".into(),
+        object: object.into(),
+        load_idx: 0,
+        offset: if failing { FAILING_CB - REGION } else { 0x800 },
+        limit: Duration::from_secs(1),
+    });
+    m
+}
+
+#[test]
+fn a_failing_pre_apply_callback_refuses_the_patch_before_any_jump() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    let e = m
+        .apply(&g, &module_with_callback(CallbackKind::PreApply, "", true))
+        .unwrap_err();
+    assert!(matches!(e, ApplyError::Refused(_)), "{e}");
+    assert!(e.to_string().contains("pre-apply callback 'cb' failed"), "{e}");
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP, "no jump");
+    assert!(m.patches().is_empty());
+    assert_eq!(g.calls.lock().unwrap().as_slice(), &[(FAILING_CB, [0, 0])]);
+    // One that returns 0 lets the apply go on, and its log line stays with the patch.
+    let id = m
+        .apply(&g, &module_with_callback(CallbackKind::PreApply, "", false))
+        .unwrap();
+    assert_eq!(site_bytes(&g, F1)[0], 0xe9);
+    assert!(m.get(id).unwrap().callback_log[0].contains("pre-apply callback 'cb': returned 0"));
+}
+
+#[test]
+fn pre_revert_callbacks_run_while_the_patch_is_live_and_do_not_stop_the_rollback() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    let id = m
+        .apply(&g, &module_with_callback(CallbackKind::PreRevert, "", true))
+        .unwrap();
+    assert!(g.calls.lock().unwrap().is_empty(), "not at apply");
+    m.rollback(&g, id).unwrap();
+    assert_eq!(g.calls.lock().unwrap().len(), 1);
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP, "rolled back all the same");
+    assert!(m.get(id).unwrap().callback_log[0].contains("pre-revert callback 'cb' failed"));
+}
+
+#[test]
+fn a_callback_of_a_module_needs_that_module_loaded() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    let e = m
+        .apply(&g, &module_with_callback(CallbackKind::Apply, "joydev", false))
+        .unwrap_err();
+    assert!(e.to_string().contains("'joydev'"), "{e}");
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP);
 }
