@@ -108,6 +108,24 @@ fn exception_bug_and_unwind_tables_work_in_patch_code() {
         .unwrap_or_else(|| panic!("patch function not in /proc/PID/stack:\n{stack}"));
     assert!(out[at..].iter().any(|l| l.contains("do_syscall_64+")), "{stack}");
     assert!(out.iter().any(|l| l.contains("getcpu_probe sleep ret=1001")), "{stack}");
+    // ...and so does the kernel's own dump of every task (sysrq-t), from the task's frame
+    // in patch code on to the syscall entry.
+    s.run("dmesg -c >/dev/null; /lucos/getcpu_probe sleep & sleep 1; echo t > /proc/sysrq-trigger; wait");
+    let log = dmesg(&mut s);
+    let lines: Vec<&str> = log.lines().collect();
+    let task = lines
+        .iter()
+        .position(|l| l.contains("task:getcpu_probe"))
+        .unwrap_or_else(|| panic!("no getcpu_probe in the sysrq-t dump:\n{log}"));
+    let at = lines[task..]
+        .iter()
+        .position(|l| l.contains("lucos_do_getcpu+") && l.contains("[lucos_getcpu]"))
+        .map(|i| task + i)
+        .unwrap_or_else(|| panic!("patch function not in getcpu_probe's sysrq-t trace:\n{log}"));
+    assert!(
+        lines[at..].iter().take(12).any(|l| l.contains("do_syscall_64+")),
+        "the sysrq-t trace stops at the patch code:\n{log}"
+    );
 
     // BUG() kills the calling task as in the kernel; the guest goes on.
     let out = s.run("sh -c '/lucos/getcpu_probe bug' 2>/dev/null; echo bug-status=$?");
