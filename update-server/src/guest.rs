@@ -52,6 +52,43 @@ pub struct StackSpan {
 #[error("{0}")]
 pub struct SymbolError(pub String);
 
+/// A loaded guest kernel module that a patch refers to (its symbols are named
+/// `MODULE::NAME` or `MODULE::NAME,POS`), as [`Guest::module`] found it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ModuleRef {
+    /// Its name (`xfs`).
+    pub name: String,
+    /// Address of its `struct module`.
+    #[serde(skip)]
+    pub addr: u64,
+    /// Its core layout (code and data it keeps while loaded): start and bytes.
+    #[serde(skip)]
+    pub core: (u64, u64),
+}
+
+/// Why a module a patch needs cannot be patched now.
+#[derive(Debug, Clone, Error, PartialEq, Eq)]
+pub enum ModuleLookupError {
+    /// It is not loaded.
+    #[error("it is not loaded in the guest (loaded: {loaded}); lucos patches only loaded modules: load it, then apply the patch")]
+    NotLoaded {
+        /// The modules that are loaded, comma-separated (or `none`).
+        loaded: String,
+    },
+    /// It is loading or being unloaded.
+    #[error("it is {0}, not live")]
+    NotLive(String),
+    /// The guest's module list could not be read.
+    #[error("{0}")]
+    Unreadable(String),
+}
+
+/// The module a symbol reference `MODULE::NAME[,POS]` names; None for a vmlinux
+/// reference.
+pub fn module_of(spec: &str) -> Option<&str> {
+    spec.split_once("::").map(|(m, _)| m).filter(|m| !m.is_empty())
+}
+
 /// Sizes of the guest kernel's structures that patch code's tables are made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableSizes {
@@ -164,6 +201,15 @@ pub trait Guest: Send + Sync {
     fn register_code(&self, at: u64, info: &CodeInfo) -> Result<(), GuestError>;
     /// Undoes [`register_code`](Self::register_code). Call with the world stopped.
     fn unregister_code(&self, at: u64) -> Result<(), GuestError>;
+    /// The loaded module `name`, which a patch refers to; its symbols resolve (as
+    /// `MODULE::NAME[,POS]`, POS counting in the module's kallsyms order) from then on.
+    fn module(&self, name: &str) -> Result<ModuleRef, ModuleLookupError>;
+    /// Pins a module for a patch that uses it: finds it again as [`module`](Self::module)
+    /// found it, checks it is live, and takes a reference on it so that the guest cannot
+    /// unload it. Call with the world stopped.
+    fn pin_module(&self, m: &ModuleRef) -> Result<(), GuestError>;
+    /// Drops a reference [`pin_module`](Self::pin_module) took. Call with the world stopped.
+    fn unpin_module(&self, m: &ModuleRef) -> Result<(), GuestError>;
     /// Name of the function containing `addr`, for messages.
     fn describe(&self, addr: u64) -> String;
     /// Reads guest kernel-virtual memory.

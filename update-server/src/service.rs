@@ -734,6 +734,15 @@ mod tests {
         fn unregister_code(&self, _: u64) -> Result<(), GuestError> {
             Ok(())
         }
+        fn module(&self, _: &str) -> Result<crate::guest::ModuleRef, crate::guest::ModuleLookupError> {
+            Err(crate::guest::ModuleLookupError::NotLoaded { loaded: "none".into() })
+        }
+        fn pin_module(&self, _: &crate::guest::ModuleRef) -> Result<(), GuestError> {
+            Err(GuestError::Refused("null guest".into()))
+        }
+        fn unpin_module(&self, _: &crate::guest::ModuleRef) -> Result<(), GuestError> {
+            Ok(())
+        }
         fn describe(&self, a: u64) -> String {
             format!("{a:#x}")
         }

@@ -2,6 +2,7 @@
 //! trait over guest memory, the vCPU pause control and kernel introspection, and starts
 //! the server.
 
+use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -11,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use lucos_update_server::apisock::{ApiSocket, ApiSocketError};
 use lucos_update_server::guest::{
-    CodeInfo, Guest, GuestError, PatchRegion, StackSpan, SymbolError, TableSizes, TaskState, VcpuState, WriteRule,
+    CodeInfo, Guest, GuestError, ModuleLookupError, ModuleRef, PatchRegion, StackSpan, SymbolError, TableSizes,
+    TaskState, VcpuState, WriteRule,
 };
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::{Caller, GuestRights, Limits, Policy, UpdateServer};
@@ -21,6 +23,7 @@ use crate::arch::x86_64::{PAGE_SIZE, RFLAGS_IF};
 use crate::devices::virtio::muxer::PortListener;
 use crate::guestcall::{CallArea, CallError, SafePoint};
 use crate::introspect::kernel::KernelError;
+use crate::introspect::kmods::{split_module_spec, state_name, KmodError, ModuleSymbols};
 use crate::introspect::stacks::stack_chain;
 use crate::introspect::tasks::THREAD_SIZE;
 use crate::introspect::Vmlinux;
@@ -73,6 +76,9 @@ pub struct VmGuest {
     call_area_ready: Mutex<bool>,
     idle: Vec<(u64, u64)>,
     user_ok: bool,
+    /// The symbols of the guest modules patches referred to, by module name, as read the
+    /// last time the module was looked up (a pin checks them again, in its pause).
+    modules: Mutex<HashMap<String, Arc<ModuleSymbols>>>,
 }
 
 impl VmGuest {
@@ -104,7 +110,66 @@ impl VmGuest {
             call_area_ready: Mutex::new(false),
             idle,
             user_ok,
+            modules: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The symbols of guest module `name`: from the cache, unless `refresh` or not cached;
+    /// a refresh reads the module list again and the symbols only if the module changed.
+    /// Read with the guest running: what is read is checked again when the module is
+    /// pinned (`introspect::kmods`).
+    fn module_syms(&self, name: &str, refresh: bool) -> Result<Arc<ModuleSymbols>, KmodError> {
+        let mem = self.handle.memory();
+        let mut cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let (false, Some(c)) = (refresh, cache.get(name)) {
+            return Ok(c.clone());
+        }
+        let m = self.kernel.find_module(mem, name)?;
+        if let Some(c) = cache.get(name).filter(|c| c.module == m) {
+            return Ok(c.clone());
+        }
+        if m.state != 0 {
+            cache.remove(name);
+            return Err(KmodError::NotLive {
+                module: name.into(),
+                state: state_name(m.state).into(),
+            });
+        }
+        let syms = Arc::new(self.kernel.module_symbols(mem, &m)?);
+        log::info!(
+            "module {name}: {} symbols, core {:#x}+{:#x}",
+            syms.len(),
+            m.base,
+            m.size
+        );
+        cache.insert(name.into(), syms.clone());
+        Ok(syms)
+    }
+
+    /// Resolves a `MODULE::NAME[,POS]` reference (`rest` is `NAME[,POS]`).
+    fn module_symbol(
+        &self,
+        spec: &str,
+        module: &str,
+        rest: &str,
+        prefer_global: bool,
+    ) -> Result<(u64, u64), SymbolError> {
+        let syms = self
+            .module_syms(module, false)
+            .map_err(|e| SymbolError(e.to_string()))?;
+        syms.resolve(spec, rest, prefer_global)
+            .map(|s| (s.addr, s.size))
+            .map_err(|e| SymbolError(e.to_string()))
+    }
+
+    /// The cached symbols of the module `m` names, if they are of that module instance.
+    fn pinnable(&self, m: &ModuleRef) -> Result<Arc<ModuleSymbols>, GuestError> {
+        let cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        cache
+            .get(&m.name)
+            .filter(|c| c.module.addr == m.addr && (c.module.base, c.module.size) == m.core)
+            .cloned()
+            .ok_or_else(|| GuestError::Introspection(KmodError::Changed(m.name.clone()).into()))
     }
 
     /// A vCPU that holds no kernel lock and is not in an interrupts-off section: running
@@ -242,6 +307,9 @@ impl VmGuest {
 
 impl Guest for VmGuest {
     fn symbol(&self, name: &str) -> Result<(u64, u64), SymbolError> {
+        if let Some((module, rest)) = split_module_spec(name) {
+            return self.module_symbol(name, module, rest, false);
+        }
         self.kernel
             .symbols
             .resolve(name, Scope::Exact)
@@ -275,6 +343,9 @@ impl Guest for VmGuest {
     }
 
     fn link_symbol(&self, name: &str) -> Result<u64, SymbolError> {
+        if let Some((module, rest)) = split_module_spec(name) {
+            return self.module_symbol(name, module, rest, true).map(|(a, _)| a);
+        }
         self.kernel
             .symbols
             .resolve(name, Scope::PreferGlobal)
@@ -282,7 +353,48 @@ impl Guest for VmGuest {
             .map_err(|e| SymbolError(e.to_string()))
     }
 
+    fn module(&self, name: &str) -> Result<ModuleRef, ModuleLookupError> {
+        match self.module_syms(name, true) {
+            Ok(s) => Ok(ModuleRef {
+                name: name.into(),
+                addr: s.module.addr,
+                core: (s.module.base, s.module.size),
+            }),
+            Err(KmodError::NotLoaded { loaded, .. }) => Err(ModuleLookupError::NotLoaded {
+                loaded: if loaded.is_empty() {
+                    "none".into()
+                } else {
+                    loaded.join(", ")
+                },
+            }),
+            Err(KmodError::NotLive { state, .. }) => Err(ModuleLookupError::NotLive(state)),
+            Err(e) => Err(ModuleLookupError::Unreadable(e.to_string())),
+        }
+    }
+
+    fn pin_module(&self, m: &ModuleRef) -> Result<(), GuestError> {
+        let s = self.pinnable(m)?;
+        self.kernel
+            .pin_module(self.handle.memory(), &s.module)
+            .map_err(|e| GuestError::Introspection(e.into()))
+    }
+
+    fn unpin_module(&self, m: &ModuleRef) -> Result<(), GuestError> {
+        let s = self.pinnable(m)?;
+        self.kernel
+            .unpin_module(self.handle.memory(), &s.module)
+            .map_err(|e| GuestError::Introspection(e.into()))
+    }
+
     fn describe(&self, addr: u64) -> String {
+        if self.kernel.symbols.lookup(addr).is_none() {
+            let cache = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            for m in cache.values() {
+                if let Some((s, off)) = m.lookup(addr) {
+                    return format!("{}+{off:#x}/{:#x} [{}]", s.name, s.size, m.module.name);
+                }
+            }
+        }
         self.kernel.symbols.describe(addr)
     }
 

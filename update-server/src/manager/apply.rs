@@ -11,17 +11,20 @@ use super::patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchSta
 use super::transfer::transfer_data;
 use super::{ApplyError, Manager, SITE_RETRIES};
 use crate::alternatives;
+use crate::guest::{module_of, Guest, ModuleRef, VcpuState};
 use crate::guest::{CodeInfo, TableSizes};
-use crate::guest::{Guest, VcpuState};
 use crate::ktables::{self, Plan, TableError};
 use crate::link;
-use crate::module::{CallbackKind, PatchModule};
+use crate::module::{CallbackKind, PatchModule, SymbolPlace};
 use crate::runpre::{self, SiteError, FTRACE_NOP, JMP_LEN};
 
 impl Manager {
     /// Applies a parsed module. On any error the guest is left untouched.
     pub fn apply(&mut self, g: &dyn Guest, m: &PatchModule) -> Result<u32, ApplyError> {
         let t0 = Instant::now();
+        // The guest modules the patch refers to must be loaded and live (they are pinned in
+        // the pause that installs the jumps); their symbols resolve from then on.
+        let modules = needed_modules(g, m)?;
         // Resolve old functions and check the module.
         let mut seen = std::collections::HashSet::new();
         let mut olds = Vec::new();
@@ -69,6 +72,7 @@ impl Manager {
             base,
             size: need,
             tables: tables.as_ref(),
+            modules: &modules,
         };
         Reservation {
             mgr: self,
@@ -143,6 +147,7 @@ impl Reservation<'_> {
             base,
             size: image_size,
             tables,
+            modules,
         } = *place;
         let resolve = |name: &str| g.link_symbol(name).ok();
         let mut linked = link::link(m, base, &resolve).map_err(|e| match e {
@@ -260,6 +265,7 @@ impl Reservation<'_> {
                 image,
                 watch: &watch,
                 register: reg.as_ref().map(|(at, _, info)| (*at, info)),
+                pin: modules,
             },
         )
         .inspect_err(|e| {
@@ -290,6 +296,7 @@ impl Reservation<'_> {
             data,
             image_addr: base,
             image_size,
+            modules: modules.to_vec(),
             module_at: reg.as_ref().map(|r| r.0),
             warnings: m.warnings.clone(),
             pause_us: pause.as_micros() as u64,
@@ -344,6 +351,8 @@ struct Place<'a> {
     /// Its metadata layout and the kernel's table sizes, when the guest kernel can take
     /// the patch code as a module.
     tables: Option<&'a (Plan, TableSizes)>,
+    /// The guest modules it refers to, pinned in the pause that installs the jumps.
+    modules: &'a [ModuleRef],
 }
 
 /// One stop-the-world swap of a patch's sites.
@@ -364,6 +373,9 @@ pub(super) struct Swap<'a> {
     /// Apply only: the patch code's `struct module` place and contents, registered with
     /// the guest kernel in the same pause, before the code becomes reachable.
     pub register: Option<(u64, &'a CodeInfo)>,
+    /// Apply only: the guest modules to pin in the same pause, before the code becomes
+    /// reachable (rollback unpins them later, once the patch code is idle).
+    pub pin: &'a [ModuleRef],
 }
 
 /// Stops the world and writes each function's jump (`install`) or saved bytes. Retries
@@ -378,6 +390,7 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         image,
         watch: ranges,
         register,
+        pin,
     } = *s;
     let mut found = Vec::new();
     let mut last = String::new();
@@ -426,11 +439,19 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                         }));
                     }
                 }
+                // The modules the patch uses stay loaded as long as it is (checked live and
+                // referenced in the same pause that makes the patch reachable).
+                let pin = if install { pin } else { &[] };
+                pin_modules(g, id, pin)?;
+                let unpin = || unpin_modules(g, id, pin);
                 // The kernel knows the code (its exception and BUG tables, unwind data and
                 // symbols) before any jump can reach it.
                 let register = if install { register } else { None };
                 if let Some((at, info)) = register {
-                    g.register_code(at, info)?;
+                    if let Err(e) = g.register_code(at, info) {
+                        unpin();
+                        return Err(e.into());
+                    }
                 }
                 let unregister = || {
                     if let Some((at, _)) = register {
@@ -438,6 +459,7 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                             warn!("patch {id}: taking the patch code's module record out failed: {e}");
                         }
                     }
+                    unpin();
                 };
                 if let Err(e) = write_sites(g, funcs, install) {
                     unregister();
@@ -475,6 +497,62 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         }
     }
     Err(ApplyError::Busy(last))
+}
+
+/// Pins every module of `mods`, all or none. With the world stopped.
+fn pin_modules(g: &dyn Guest, id: u32, mods: &[ModuleRef]) -> Result<(), ApplyError> {
+    for (i, m) in mods.iter().enumerate() {
+        if let Err(e) = g.pin_module(m) {
+            unpin_modules(g, id, &mods[..i]);
+            return Err(e.into());
+        }
+    }
+    Ok(())
+}
+
+/// Drops the pins of `mods`. With the world stopped.
+pub(super) fn unpin_modules(g: &dyn Guest, id: u32, mods: &[ModuleRef]) {
+    for m in mods {
+        if let Err(e) = g.unpin_module(m) {
+            warn!("patch {id}: dropping the reference on module '{}' failed: {e}", m.name);
+        }
+    }
+}
+
+/// The guest modules `m` refers to (functions it replaces, symbols its code uses, data it
+/// converts), each as the guest has it loaded; an error names the first module that is not
+/// loaded and live.
+fn needed_modules(g: &dyn Guest, m: &PatchModule) -> Result<Vec<ModuleRef>, ApplyError> {
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    let mut want = |spec: &str, what: String| {
+        if let Some(name) = module_of(spec) {
+            if !wanted.iter().any(|(n, _)| n == name) {
+                wanted.push((name.to_string(), what));
+            }
+        }
+    };
+    for r in &m.replaces {
+        want(&r.old_name, format!("it replaces {}", r.old_name));
+    }
+    for r in &m.relocs {
+        if let SymbolPlace::Kernel(name) = &r.target {
+            want(name, format!("its code refers to {name}"));
+        }
+    }
+    for d in &m.data {
+        want(&d.name, format!("it converts {}", d.name));
+    }
+    wanted.sort();
+    wanted
+        .into_iter()
+        .map(|(name, needed_by)| {
+            g.module(&name).map_err(|source| ApplyError::NeedsModule {
+                module: name,
+                needed_by,
+                source,
+            })
+        })
+        .collect()
 }
 
 /// Writes every function's jump (`install`) or saved bytes, all or nothing: when a write

@@ -41,8 +41,11 @@ impl Manager {
             return Ok(p.state);
         }
         let protected = p.data.iter().any(|d| d.protected);
-        // Rolled back for good once no thread runs the code: the kernel forgets it then.
-        let forget = (p.state == PatchState::RollingBack).then_some(p.module_at).flatten();
+        // Rolled back for good once no thread runs the code: the kernel forgets it then, and
+        // the modules it used may be unloaded again.
+        let rolling_back = p.state == PatchState::RollingBack;
+        let forget = rolling_back.then_some(p.module_at).flatten();
+        let unpin = if rolling_back { p.modules.clone() } else { vec![] };
         let mut result: Result<Vec<Blocker>, GuestError> = Ok(vec![]);
         g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             result = find_blockers(g, vcpus, &ranges);
@@ -59,6 +62,11 @@ impl Manager {
                 if let Err(e) = g.unprotect(&owner(id)) {
                     result = Err(e);
                 }
+            }
+            // Last, once nothing else in this pause can fail: a failed check is repeated,
+            // and must not drop the pins twice.
+            if matches!(&result, Ok(b) if b.is_empty()) {
+                super::apply::unpin_modules(g, id, &unpin);
             }
         })?;
         let blockers = result?;
@@ -97,6 +105,7 @@ impl Manager {
                 PatchState::RollingBack => {
                     p.state = PatchState::RolledBack;
                     p.module_at = None;
+                    p.modules.clear();
                     let addr = p.image_addr;
                     self.alloc.free(addr);
                     info!("patch {id} rolled back; memory freed");

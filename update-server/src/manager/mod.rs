@@ -29,7 +29,7 @@ use thiserror::Error;
 
 use crate::alloc::RegionAllocator;
 use crate::alternatives::AltError;
-use crate::guest::{Guest, GuestError, SymbolError};
+use crate::guest::{Guest, GuestError, ModuleLookupError, SymbolError};
 use crate::ktables::TableError;
 use crate::link::LinkError;
 use crate::module::ModuleError;
@@ -71,6 +71,17 @@ pub enum ApplyError {
         name: String,
         /// Why it does not resolve.
         source: SymbolError,
+    },
+    /// The patch refers to a guest kernel module that cannot be patched now (not loaded,
+    /// not live, or the module list is unreadable).
+    #[error("the patch needs module '{module}' ({needed_by}): {source}")]
+    NeedsModule {
+        /// The module.
+        module: String,
+        /// The first reference to it (a function to replace, a symbol of the patch code).
+        needed_by: String,
+        /// Why it cannot be patched.
+        source: ModuleLookupError,
     },
     /// A function to replace is shorter than the jump plus 4 bytes.
     #[error("function '{name}' is {size} bytes, too small for a {JMP_LEN}-byte jump")]

@@ -126,6 +126,10 @@ pub struct Patch {
     pub image_addr: u64,
     /// Size of that image in bytes (whole pages).
     pub image_size: u64,
+    /// The guest kernel modules the patch replaces functions of or refers to: pinned
+    /// (the guest cannot unload them) from the pause that installs the jumps until the
+    /// rollback finds no thread in the patch code.
+    pub modules: Vec<crate::guest::ModuleRef>,
     /// Where the patch's `struct module` is, while the guest kernel knows the patch code
     /// as a module (None: the guest kernel has no module support lucos can use).
     #[serde(skip)]

@@ -86,6 +86,7 @@ impl Manager {
                 image,
                 watch: &[],
                 register: None,
+                pin: &[],
             },
         )?;
         for f in &funcs {

@@ -2,7 +2,7 @@
 
 use super::transfer::{read_uint, transfer_data, write_uint};
 use super::*;
-use crate::guest::{PatchRegion, TaskState};
+use crate::guest::{ModuleLookupError, ModuleRef, PatchRegion, TaskState};
 use crate::guest::{SymbolError, VcpuState, WriteRule};
 use crate::module::CallbackKind;
 use crate::runpre::{self, FTRACE_NOP};
@@ -33,6 +33,11 @@ struct FakeGuest {
     fail_write_at: AtomicU64,
     /// `cpu_caps()` panics (a bug anywhere in an apply).
     panic_in_caps: bool,
+    /// Loaded modules, and the references lucos holds on each (name -> count).
+    modules: HashMap<String, ModuleRef>,
+    pins: Mutex<HashMap<String, i64>>,
+    /// `pin_module()` fails (the module went away before the pause).
+    fail_pin: bool,
 }
 
 const FAILING_CB: u64 = 0xffff_ffff_9000_0f00;
@@ -63,6 +68,22 @@ impl Guest for FakeGuest {
     }
     fn link_symbol(&self, name: &str) -> Result<u64, SymbolError> {
         self.symbol(name).map(|(a, _)| a)
+    }
+    fn module(&self, name: &str) -> Result<ModuleRef, ModuleLookupError> {
+        self.modules.get(name).cloned().ok_or(ModuleLookupError::NotLoaded {
+            loaded: self.modules.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+    fn pin_module(&self, m: &ModuleRef) -> Result<(), GuestError> {
+        if self.fail_pin {
+            return Err(GuestError::Introspection(format!("module '{}' changed", m.name).into()));
+        }
+        *self.pins.lock().unwrap().entry(m.name.clone()).or_default() += 1;
+        Ok(())
+    }
+    fn unpin_module(&self, m: &ModuleRef) -> Result<(), GuestError> {
+        *self.pins.lock().unwrap().entry(m.name.clone()).or_default() -= 1;
+        Ok(())
     }
     fn describe(&self, a: u64) -> String {
         format!("{a:#x}")
@@ -218,6 +239,7 @@ fn patch_with(callbacks: Vec<PatchCallback>) -> Patch {
         data: vec![],
         image_addr: IMAGE.0,
         image_size: IMAGE.1 - IMAGE.0,
+        modules: vec![],
         module_at: None,
         warnings: vec![],
         pause_us: 0,
@@ -752,4 +774,74 @@ fn a_callback_of_a_module_needs_that_module_loaded() {
         .unwrap_err();
     assert!(e.to_string().contains("'joydev'"), "{e}");
     assert_eq!(site_bytes(&g, F1), FTRACE_NOP);
+}
+
+/// A guest where `xfs` is loaded and has the function `xfs::f` (at F2).
+fn module_guest() -> FakeGuest {
+    let mut g = apply_guest();
+    g.syms.insert("xfs::f".into(), (F2, 64));
+    g.modules.insert(
+        "xfs".into(),
+        ModuleRef {
+            name: "xfs".into(),
+            addr: 0xffff_ffff_c000_0000,
+            core: (F2 & !0xfff, 0x10_0000),
+        },
+    );
+    g
+}
+
+fn pins(g: &FakeGuest, module: &str) -> i64 {
+    *g.pins.lock().unwrap().get(module).unwrap_or(&0)
+}
+
+#[test]
+fn a_module_is_pinned_while_patched_and_unpinned_once_rolled_back() {
+    let g = module_guest();
+    let mut m = Manager::new(&g);
+    let id = m.apply(&g, &module_for(&["f1", "xfs::f"], false)).unwrap();
+    assert_eq!(m.get(id).unwrap().state, PatchState::Committed);
+    assert_eq!(pins(&g, "xfs"), 1, "pinned while applied");
+    assert_eq!(m.get(id).unwrap().modules[0].name, "xfs");
+    assert_eq!(m.rollback(&g, id).unwrap(), PatchState::RolledBack);
+    assert_eq!(pins(&g, "xfs"), 0, "unpinned once rolled back");
+    // Checking again pins and unpins nothing.
+    m.check(&g, id).unwrap();
+    assert_eq!(pins(&g, "xfs"), 0);
+}
+
+#[test]
+fn a_patch_for_a_module_that_is_not_loaded_is_refused_naming_it() {
+    let mut g = module_guest();
+    g.modules.clear();
+    let mut m = Manager::new(&g);
+    let e = m.apply(&g, &module_for(&["f1", "xfs::f"], false)).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::NeedsModule { module, .. } if module == "xfs"),
+        "{e}"
+    );
+    assert!(
+        e.to_string()
+            .contains("module 'xfs' (it replaces xfs::f): it is not loaded"),
+        "{e}"
+    );
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP, "nothing written");
+    assert!(m.patches().is_empty());
+}
+
+#[test]
+fn a_failed_pin_leaves_the_guest_untouched() {
+    let mut g = module_guest();
+    g.fail_pin = true;
+    let mut m = Manager::new(&g);
+    let e = m.apply(&g, &module_for(&["f1", "xfs::f"], false)).unwrap_err();
+    assert!(e.to_string().contains("changed"), "{e}");
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP);
+    assert_eq!(site_bytes(&g, F2), FTRACE_NOP);
+    assert_eq!(pins(&g, "xfs"), 0);
+    // A failed site write after the pin drops it again.
+    g.fail_pin = false;
+    g.fail_write_at.store(F2 + 1, Ordering::Relaxed);
+    assert!(m.apply(&g, &module_for(&["f1", "xfs::f"], false)).is_err());
+    assert_eq!(pins(&g, "xfs"), 0);
 }

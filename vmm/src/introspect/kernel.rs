@@ -118,6 +118,8 @@ pub struct GuestKernel {
     banner: Vec<u8>,
     /// `struct module` offsets, from `btf` on first use (registrations run in a pause).
     pub(super) module_layout: std::sync::OnceLock<super::modules::Layout>,
+    /// `struct module` offsets for reading the guest's own modules, from `btf` on first use.
+    pub(super) kmod_layout: std::sync::OnceLock<super::kmods::ModLayout>,
     /// Offset and size of each IST stack in `struct cea_exception_stacks`, from `btf` on
     /// first use (read in every pause).
     pub(super) ist_layout: std::sync::OnceLock<Vec<(&'static str, u64, u64)>>,
@@ -141,6 +143,7 @@ impl GuestKernel {
             kernel_cr3: pgt - START_KERNEL_MAP,
             banner,
             module_layout: std::sync::OnceLock::new(),
+            kmod_layout: std::sync::OnceLock::new(),
             ist_layout: std::sync::OnceLock::new(),
         })
     }

@@ -5,6 +5,7 @@
 
 pub mod btf;
 pub mod kernel;
+pub mod kmods;
 pub mod modules;
 pub mod pagewalk;
 pub mod rbtree;
