@@ -10,8 +10,10 @@
 #   images/out/initramfs.cpio   busybox initramfs (newc, uncompressed), with the guest programs
 #                               of images/initramfs/progs and, for bench/'s livepatch-compare,
 #                               the Linux livepatch modules livepatch-sample.ko (the kernel's
-#                               sample) and livepatch-uname.ko (images/livepatch/) in /lucos/
+#                               sample) and livepatch-uname.ko (images/livepatch/) in /lucos/,
+#                               and the kernel's modules in /lib/modules/VERSION (modprobe)
 #   images/out/stable-fixes/    live patches built with lucos-build from images/stable-fixes/
+#   images/out/module-patches/  live patches to guest modules, from images/module-patches/
 #   images/out/lane-svm/        the SVM lane's L1 kernel + initramfs (images/lane/build-image.sh;
 #                               run commands there with images/lane.sh svm -- CMD)
 #
@@ -148,6 +150,21 @@ for p in "$here"/stable-fixes/*.patch; do
     fi
 done
 
+# Live patches to guest modules (images/module-patches/*.patch, diffs against a module's
+# source such as fs/xfs/), built with lucos-build like the stable fixes: the tests load the
+# module in the guest and apply them (vmm/tests/patch_kmod.rs).
+log "building images/module-patches/ with lucos-build"
+mkdir -p "$out/module-patches"
+for p in "$here"/module-patches/*.patch; do
+    [ -e "$p" ] || continue
+    n=$(basename "$p" .patch)
+    ko="$out/module-patches/$n.ko"
+    if [ "$ko" -nt "$p" ] && [ "$ko" -nt "$lucos_build" ] && [ "$ko" -nt "$kdir/.done" ]; then continue; fi
+    if ! "$lucos_build" --patch "$p" --name "${n//-/_}" --src "$kdir/src" --build "$kdir/build" -o "$ko" > "$tmp/$n.log" 2>&1; then
+        cat "$tmp/$n.log" >&2; echo "build.sh: lucos-build failed for $p" >&2; exit 1
+    fi
+done
+
 # Initramfs: cheap, rebuilt every time from images/initramfs/.
 log "building initramfs"
 mkdir -p "$stage"/{bin,sbin,proc,sys,dev,tmp,etc,root,usr/bin,usr/sbin,lucos}
@@ -161,6 +178,16 @@ for src in "$here"/initramfs/progs/*.c; do
     gcc -static -nostdlib -nostartfiles -ffreestanding -fno-stack-protector -fno-builtin -O2 \
         -o "$stage/lucos/$(basename "$src" .c)" "$src"
 done
+# The guest kernel's own modules (xfs, joydev, pcspkr, usbcore and what they need),
+# stripped, in /lib/modules/VERSION with depmod's index: `modprobe xfs` works in the guest,
+# and the kernel's own module requests (/sbin/modprobe) too. Left out: the livepatch
+# samples (/lucos/ has the ones the benches use) and kvm (2.3 MB, no use in the guest).
+kver=$(cat "$kdir/build/include/config/kernel.release")
+make -s -C "$kdir/build" ARCH=x86_64 INSTALL_MOD_PATH="$stage" INSTALL_MOD_STRIP=1 DEPMOD=true modules_install
+kmods="$stage/lib/modules/$kver"
+rm -rf "$kmods/kernel/samples" "$kmods/kernel/arch/x86/kvm" "$kmods/kernel/virt" "$kmods/build" "$kmods/source"
+depmod -b "$stage" "$kver"
+ln -sf /bin/busybox "$stage/sbin/modprobe"
 # Livepatch modules, loadable in the guest as they are: /lucos/livepatch-*.ko.
 for ko in "${klp_modules[@]}"; do
     strip --strip-debug -o "$stage/lucos/$(basename "$ko")" "$ko"

@@ -198,7 +198,10 @@ impl<'a> Facts<'a> {
                 if ts.strings() {
                     return Landing::Str(t, off);
                 }
-                match self.obj.covering(t, off) {
+                // A place no symbol covers may be one past the end of an object: the end
+                // of an array a loop runs to (`for (p = t; p < t + ARRAY_SIZE(t); p++)`),
+                // which must name the same copy of the array as its start.
+                match self.obj.covering(t, off).or_else(|| self.obj.ending_at(t, off)) {
                     Some(c) => {
                         // Keep the raw addend's relation: delta as an addend on the symbol.
                         let delta = off as i64 - self.obj.symbols[c].value as i64 - self.adjust(sec, r);

@@ -309,6 +309,14 @@ impl Obj {
             .map(|(i, _)| i)
     }
 
+    /// The data object of section `sec` that ends exactly at `offset` (one past its last
+    /// byte), if any.
+    pub fn ending_at(&self, sec: usize, offset: u64) -> Option<usize> {
+        self.symbols.iter().position(|s| {
+            s.section == Some(sec) && s.kind == SymKind::Object && s.size > 0 && s.value + s.size == offset
+        })
+    }
+
     /// The section index named `name`, if any.
     pub fn section_named(&self, name: &str) -> Option<usize> {
         self.sections.iter().position(|s| s.name == name)

@@ -141,3 +141,38 @@ fn run_once_state_stays_the_kernels() {
         m.replaces
     );
 }
+
+/// A change inside a module (xfs): the function is named `xfs::NAME`, and the static table
+/// it loops over is the running module's, by its start and by its end (one past the last
+/// entry, which the compiler writes as the section plus the table's size), not a copy.
+#[test]
+fn a_module_function_links_to_the_modules_own_table_start_and_end() {
+    let d = diff(
+        "fs/xfs/xfs_stats.c",
+        "	return len;",
+        &[
+            "	len += scnprintf(buf + len, PATH_MAX-len, \"lucos\\n\");",
+            "	return len;",
+        ],
+    );
+    let (ok, err, ko) = build("xfs", &d);
+    assert!(ok, "{err}");
+    let m = lucos_update_server::module::PatchModule::parse(&ko.unwrap()).unwrap();
+    let olds: Vec<&str> = m.replaces.iter().map(|r| r.old_name.as_str()).collect();
+    assert_eq!(olds, ["xfs::xfs_stats_format"]);
+    let table: Vec<i64> = m
+        .relocs
+        .iter()
+        .filter(|r| matches!(&r.target, lucos_update_server::module::SymbolPlace::Kernel(n) if n == "xfs::xstats.0"))
+        .map(|r| r.addend)
+        .collect();
+    assert!(
+        table.contains(&0) && table.iter().any(|&a| a > 0),
+        "start and end: {table:?}"
+    );
+    assert!(
+        !m.sections.iter().any(|s| s.name.contains("xstats")),
+        "no copy of the table: {:?}",
+        m.sections.iter().map(|s| &s.name).collect::<Vec<_>>()
+    );
+}

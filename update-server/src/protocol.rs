@@ -195,6 +195,9 @@ pub struct PatchInfo {
     pub callback_log: Vec<String>,
     /// What the module parser noted (e.g. sections applied with their build-time default).
     pub warnings: Vec<String>,
+    /// The guest modules the patch uses, pinned (not unloadable) until it is rolled back.
+    #[serde(default)]
+    pub modules: Vec<String>,
 }
 
 /// What kind of failure a reply reports; `lucosctl` picks its exit code from it.

@@ -288,6 +288,7 @@ pub fn patch_info(p: &Patch) -> PatchInfo {
             })
             .collect(),
         callback_log: p.callback_log.clone(),
+        modules: p.modules.iter().map(|m| m.name.clone()).collect(),
         warnings: p.warnings.clone(),
     }
 }
@@ -1038,6 +1039,7 @@ mod tests {
             blockers: vec![],
             callbacks: vec![],
             callback_log: vec!["a callback ran".repeat(10); 5],
+            modules: vec![],
             warnings: vec![],
         }
     }

@@ -163,6 +163,9 @@ fn details(p: &PatchInfo) -> String {
         );
     }
     let _ = writeln!(s, "  code+data at {:#x} ({} bytes)", p.image_addr, p.image_size);
+    if !p.modules.is_empty() {
+        let _ = writeln!(s, "  guest modules pinned: {}", p.modules.join(", "));
+    }
     let _ = writeln!(
         s,
         "  vCPUs paused {} us; apply took {} us; {} stack checks",
