@@ -692,37 +692,6 @@ pub fn diff(
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn line_references_follow_the_diff() {
-        let f = FileChange {
-            path: "arch/x86/kvm/x86.c".into(),
-            created: false,
-            deleted: false,
-            hunks: vec![(1, 1, 1, 2)],
-        };
-        assert_eq!(
-            remap_lines(b"field \"x\" at arch/x86/kvm/x86.c:8431 (size", &f),
-            b"field \"x\" at arch/x86/kvm/x86.c:8432 (size".to_vec()
-        );
-        assert_eq!(remap_lines(b"other.c:10", &f), b"other.c:10".to_vec());
-    }
-
-    #[test]
-    fn normalizes_compiler_suffixes() {
-        assert_eq!(normalize("foo.isra.0"), "foo.isra");
-        assert_eq!(normalize("foo.constprop.0.isra.0"), "foo.constprop.isra");
-        assert_eq!(normalize("ctr.3"), "ctr");
-        assert_eq!(normalize("foo.cold"), "foo.cold");
-        assert_eq!(normalize("__UNIQUE_ID_ddebug412"), "__UNIQUE_ID_ddebug");
-        assert_eq!(normalize("meminfo_proc_show"), "meminfo_proc_show");
-        assert_eq!(normalize("x.1.2"), "x");
-    }
-}
-
 /// Honours kpatch's `KPATCH_IGNORE_FUNCTION` and `KPATCH_IGNORE_SECTION` (kpatch-macros.h):
 /// functions they name, and functions in sections they name, are not changed. Returns the
 /// names left out.
@@ -755,4 +724,35 @@ pub fn apply_ignores(p: &Facts, d: &mut UnitDiff) -> Vec<String> {
         keep
     });
     dropped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_references_follow_the_diff() {
+        let f = FileChange {
+            path: "arch/x86/kvm/x86.c".into(),
+            created: false,
+            deleted: false,
+            hunks: vec![(1, 1, 1, 2)],
+        };
+        assert_eq!(
+            remap_lines(b"field \"x\" at arch/x86/kvm/x86.c:8431 (size", &f),
+            b"field \"x\" at arch/x86/kvm/x86.c:8432 (size".to_vec()
+        );
+        assert_eq!(remap_lines(b"other.c:10", &f), b"other.c:10".to_vec());
+    }
+
+    #[test]
+    fn normalizes_compiler_suffixes() {
+        assert_eq!(normalize("foo.isra.0"), "foo.isra");
+        assert_eq!(normalize("foo.constprop.0.isra.0"), "foo.constprop.isra");
+        assert_eq!(normalize("ctr.3"), "ctr");
+        assert_eq!(normalize("foo.cold"), "foo.cold");
+        assert_eq!(normalize("__UNIQUE_ID_ddebug412"), "__UNIQUE_ID_ddebug");
+        assert_eq!(normalize("meminfo_proc_show"), "meminfo_proc_show");
+        assert_eq!(normalize("x.1.2"), "x");
+    }
 }
