@@ -372,6 +372,12 @@ impl Guest for VmGuest {
         }
     }
 
+    fn loaded_module(&self, name: &str) -> Result<u64, GuestError> {
+        self.module(name)
+            .map(|m| m.addr)
+            .map_err(|e| GuestError::Refused(format!("the patch needs the guest module '{name}': {e}")))
+    }
+
     fn pin_module(&self, m: &ModuleRef) -> Result<(), GuestError> {
         let s = self.pinnable(m)?;
         self.kernel

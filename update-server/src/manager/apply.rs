@@ -520,7 +520,7 @@ pub(super) fn unpin_modules(g: &dyn Guest, id: u32, mods: &[ModuleRef]) {
 }
 
 /// The guest modules `m` refers to (functions it replaces, symbols its code uses, data it
-/// converts), each as the guest has it loaded; an error names the first module that is not
+/// converts, callbacks' objects), each as the guest has it loaded; an error names the first module that is not
 /// loaded and live.
 fn needed_modules(g: &dyn Guest, m: &PatchModule) -> Result<Vec<ModuleRef>, ApplyError> {
     let mut wanted: Vec<(String, String)> = Vec::new();
@@ -541,6 +541,12 @@ fn needed_modules(g: &dyn Guest, m: &PatchModule) -> Result<Vec<ModuleRef>, Appl
     }
     for d in &m.data {
         want(&d.name, format!("it converts {}", d.name));
+    }
+    for c in m.callbacks.iter().filter(|c| !c.object.is_empty()) {
+        want(
+            &format!("{}::", c.object),
+            format!("it has a callback '{}' for it", c.name),
+        );
     }
     wanted.sort();
     wanted
