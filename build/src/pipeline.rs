@@ -385,7 +385,13 @@ pub fn build(opts: &Options) -> Result<(Vec<u8>, Report), BuildError> {
             )));
         }
     }
-    if diffs.iter().all(|d| d.changed.is_empty()) {
+    // A patch whose diff only adds callbacks (kpatch's KPATCH_*_CALLBACK) is a patch too.
+    let records = objs.iter().any(|(_, p)| {
+        p.sections
+            .iter()
+            .any(|s| s.name.starts_with(".lucos.callback") && !s.data.is_empty())
+    });
+    if !records && diffs.iter().all(|d| d.changed.is_empty()) {
         return Err(BuildError::Refused(if init_changed.is_empty() {
             "no functions changed: the diff does not change what any function does (a moved __LINE__ in WARN/BUG metadata, a renamed clone, a comment or whitespace are not changes)".into()
         } else {

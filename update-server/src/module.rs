@@ -38,8 +38,8 @@ pub enum ModuleError {
     /// The file is not a well-formed x86-64 ELF relocatable object; the string says why.
     #[error("not an x86-64 ELF relocatable object: {0}")]
     NotElf(String),
-    /// `.lucos.replace` is missing or empty.
-    #[error("module has no .lucos.replace records: it replaces nothing (use LUCOS_REPLACE from lucos.h)")]
+    /// `.lucos.replace` is missing or empty, and there are no callbacks either.
+    #[error("module has no .lucos.replace records and no callbacks: it does nothing (use LUCOS_REPLACE from lucos.h)")]
     NoReplacements,
     /// A `.lucos.*` section's size is not a whole number of its fixed-size records.
     #[error("malformed {section} section: size {size} is not a multiple of the {record}-byte record")]
@@ -371,7 +371,7 @@ pub struct PatchModule {
     pub sections: Vec<LoadSection>,
     /// Relocations to apply to `sections` once they have guest addresses.
     pub relocs: Vec<Reloc>,
-    /// Functions the patch replaces; never empty.
+    /// Functions the patch replaces; empty only when it has callbacks.
     pub replaces: Vec<Replace>,
     /// Globals whose meaning the patch changes (`LUCOS_DATA_SCALE`).
     pub data: Vec<DataRule>,
@@ -726,14 +726,11 @@ impl PatchModule {
             description = cstr(&d[4 + NAME_MAX..])?;
         }
 
-        // .lucos.replace
-        let sec = file
-            .section_by_name(".lucos.replace")
-            .ok_or(ModuleError::NoReplacements)?;
-        let d = sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?;
-        if d.is_empty() {
-            return Err(ModuleError::NoReplacements);
-        }
+        // .lucos.replace (may be empty only in a patch that has callbacks: checked below)
+        let d = match file.section_by_name(".lucos.replace") {
+            Some(sec) => sec.data().map_err(|e| ModuleError::NotElf(e.to_string()))?,
+            None => &[],
+        };
         let replace_records = records(d, ".lucos.replace", REPLACE_RECORD)?;
         // Functions defined in the module, by name (the first of a name wins), looked up
         // once: records may be many.
@@ -802,6 +799,11 @@ impl PatchModule {
                     limit: r.limit,
                 });
             }
+        }
+        // A patch does something: it replaces a function, or (kpatch's callback-only
+        // patches) it runs callbacks.
+        if replaces.is_empty() && callbacks.is_empty() {
+            return Err(ModuleError::NoReplacements);
         }
         // Every function of the loaded code, for the guest kernel's symbol lookups.
         let function_list = file
