@@ -10,8 +10,9 @@ use super::patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchSta
 use super::transfer::transfer_data;
 use super::{ApplyError, Manager, SITE_RETRIES};
 use crate::alternatives;
-use crate::guest::{CodeInfo, TableSizes};
+use crate::guest::{CodeInfo, KeyAbi, TableSizes};
 use crate::guest::{Guest, VcpuState};
+use crate::jumplabel::{self, JumpError, JumpTable, KeyLink, NodeChoice};
 use crate::ktables::{self, Plan, TableError};
 use crate::link;
 use crate::module::{CallbackKind, PatchModule};
@@ -161,12 +162,60 @@ impl Reservation<'_> {
                 alts.records
             );
         }
+        // Static branches: linked and sorted here, their kernel keys' nodes placed in the pool.
+        let jumps = if m
+            .sections
+            .iter()
+            .any(|s| s.name == jumplabel::JUMP_SECTION && !s.data.is_empty())
+        {
+            let abi = g.key_abi().map_err(|e| JumpError::NoSupport(e.to_string()))?;
+            jumplabel::prepare(m, &mut linked, Some(&abi))?.map(|t| (t, abi))
+        } else {
+            None
+        };
+        let choices = match &jumps {
+            Some((t, abi)) if !t.kernel_keys.is_empty() => {
+                while self.mgr.keys.free_slots() < self.mgr.keys.needed(t) {
+                    // Pool pages are never freed (see jumplabel): the kernel keeps the nodes.
+                    let page = self.mgr.alloc.alloc(jumplabel::POOL_PAGE).ok_or(ApplyError::NoSpace {
+                        need: jumplabel::POOL_PAGE,
+                        free: self.mgr.alloc.free_bytes(),
+                    })?;
+                    self.mgr.keys.add_page(page, abi.node_size);
+                }
+                self.mgr.keys.abi = Some(*abi);
+                self.mgr.keys.plan(t).unwrap_or_default()
+            }
+            _ => vec![],
+        };
+        if let Some((t, _)) = &jumps {
+            log::info!(
+                "static keys: {} sites, {} kernel keys, {} of the patch's own",
+                t.count,
+                t.kernel_keys.len(),
+                t.own_keys
+            );
+        }
         let reg = match tables {
             Some((plan, sizes)) => {
-                let (meta, info) = ktables::build(m, &mut linked, plan, sizes, &module_name(&m.name))?;
+                let (meta, mut info) = ktables::build(m, &mut linked, plan, sizes, &module_name(&m.name))?;
+                if let Some((t, _)) = &jumps {
+                    info.jump_table = (t.addr, t.count);
+                }
                 Some((base + plan.meta_off, meta, info))
             }
             None => None,
+        };
+        let key_swap = match (&jumps, &reg) {
+            (Some((t, abi)), Some((at, _, _))) if !t.kernel_keys.is_empty() => Some(KeySwap {
+                abi,
+                table: t,
+                module: *at,
+                choices: &choices,
+                done: Default::default(),
+                undone: Default::default(),
+            }),
+            _ => None,
         };
         let mut funcs = Vec::new();
         for (r, &(old_addr, old_size)) in m.replaces.iter().zip(olds) {
@@ -231,7 +280,7 @@ impl Reservation<'_> {
         } else {
             vec![]
         };
-        let (pause, in_old) = swap_sites(
+        let swapped = swap_sites(
             g,
             &Swap {
                 funcs: &funcs,
@@ -241,9 +290,14 @@ impl Reservation<'_> {
                 image,
                 watch: &watch,
                 register: reg.as_ref().map(|(at, _, info)| (*at, info)),
+                keys: key_swap.as_ref(),
             },
-        )
-        .inspect_err(|e| {
+        );
+        if let Some(k) = &key_swap {
+            // Whatever happened, the nodes linked are in the keys' lists for good.
+            self.mgr.keys.commit(id, &k.done.borrow(), k.undone.get());
+        }
+        let (pause, in_old) = swapped.inspect_err(|e| {
             // Some jump may still lead into the image: never reuse it.
             if matches!(e, ApplyError::Inconsistent { .. }) {
                 self.taken = true;
@@ -345,7 +399,29 @@ pub(super) struct Swap<'a> {
     /// Apply only: the patch code's `struct module` place and contents, registered with
     /// the guest kernel in the same pause, before the code becomes reachable.
     pub register: Option<(u64, &'a CodeInfo)>,
+    /// Apply only: the kernel static keys to link in the same pause, after the registration.
+    pub keys: Option<&'a KeySwap<'a>>,
 }
+
+/// The static keys a swap links ([`jumplabel::link_keys`]) and what it did.
+pub(super) struct KeySwap<'a> {
+    /// The kernel's layout.
+    pub abi: &'a KeyAbi,
+    /// The patch's jump table.
+    pub table: &'a JumpTable,
+    /// The patch's `struct module`.
+    pub module: u64,
+    /// Where the nodes go.
+    pub choices: &'a [NodeChoice],
+    /// Keys linked (kept when the swap fails: the nodes stay in the lists).
+    pub done: std::cell::RefCell<Vec<KeyLink>>,
+    /// The linked nodes were made inert again (the swap failed).
+    pub undone: std::cell::Cell<bool>,
+}
+
+/// How long to wait before another pause when the guest holds `jump_label_mutex` (a key
+/// flip patches text with `text_poke_bp`, which waits for every CPU a few times).
+const KEY_MUTEX_WAIT: Duration = Duration::from_millis(20);
 
 /// Stops the world and writes each function's jump (`install`) or saved bytes. Retries
 /// while a vCPU's RIP is inside a site; re-checks the bytes with the world stopped. Returns
@@ -359,11 +435,14 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         image,
         watch: ranges,
         register,
+        keys,
     } = *s;
+    let keys = if install { keys } else { None };
     let mut found = Vec::new();
     let mut last = String::new();
     for attempt in 0..SITE_RETRIES {
         let mut outcome: Result<bool, ApplyError> = Ok(false);
+        let mut wait = Duration::from_micros(200);
         let pause = g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             outcome = (|| {
                 for v in vcpus {
@@ -384,6 +463,15 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                         }));
                     }
                 }
+                // Static key lists are walked and changed only under jump_label_mutex:
+                // with it free, no key update is half done and no walker is on a list.
+                if let Some(k) = keys {
+                    if jumplabel::mutex_held(g, k.abi)? {
+                        last = "the guest holds jump_label_mutex (a static key is changing)".into();
+                        wait = KEY_MUTEX_WAIT;
+                        return Ok(false);
+                    }
+                }
                 // The kernel knows the code (its exception and BUG tables, unwind data and
                 // symbols) before any jump can reach it.
                 let register = if install { register } else { None };
@@ -391,12 +479,28 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                     g.register_code(at, info)?;
                 }
                 let unregister = || {
+                    if let Some(k) = keys {
+                        let nodes: Vec<u64> = k.done.borrow().iter().map(|l| l.node).collect();
+                        match jumplabel::unlink_keys(g, k.abi, &nodes) {
+                            Ok(()) => k.undone.set(true),
+                            Err(e) => warn!("patch {id}: making its static key nodes inert failed: {e}"),
+                        }
+                    }
                     if let Some((at, _)) = register {
                         if let Err(e) = g.unregister_code(at) {
                             warn!("patch {id}: taking the patch code's module record out failed: {e}");
                         }
                     }
                 };
+                // Each static branch set to its key's state, the keys' lists given the
+                // patch's nodes: from here on the guest's key flips update the patch code.
+                if let Some(k) = keys {
+                    let r = jumplabel::link_keys(g, k.abi, k.table, k.module, k.choices, &mut k.done.borrow_mut());
+                    if let Err(e) = r {
+                        unregister();
+                        return Err(e.into());
+                    }
+                }
                 if let Err(e) = write_sites(g, funcs, install) {
                     unregister();
                     return Err(e);
@@ -427,7 +531,7 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
             Ok(true) => return Ok((pause, found)),
             Ok(false) => {
                 warn!("attempt {attempt}: {last}; retrying");
-                std::thread::sleep(Duration::from_micros(200));
+                std::thread::sleep(wait);
             }
             Err(e) => return Err(e),
         }

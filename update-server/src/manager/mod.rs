@@ -30,6 +30,7 @@ use thiserror::Error;
 use crate::alloc::RegionAllocator;
 use crate::alternatives::AltError;
 use crate::guest::{Guest, GuestError, SymbolError};
+use crate::jumplabel::{JumpError, NodePool};
 use crate::ktables::TableError;
 use crate::link::LinkError;
 use crate::module::ModuleError;
@@ -56,6 +57,9 @@ pub enum ApplyError {
     /// Patching the module's alternatives for the guest's CPU failed.
     #[error("alternatives: {0}")]
     Alternatives(#[from] AltError),
+    /// The module's static branches (`__jump_table`) cannot be used.
+    #[error("static keys: {0}")]
+    Jumps(#[from] JumpError),
     /// A function the module replaces is not in the guest kernel's symbol table.
     #[error("function to replace '{name}': {source}")]
     OldFunction {
@@ -195,6 +199,8 @@ pub struct Manager {
     sites: HashMap<u64, Vec<u32>>,
     /// The last failure of each patch's periodic check, so it is logged once per reason.
     check_errors: HashMap<u32, String>,
+    /// lucos's nodes in the guest's static key lists.
+    keys: NodePool,
 }
 
 impl Manager {
@@ -207,6 +213,7 @@ impl Manager {
             next_id: 1,
             sites: HashMap::new(),
             check_errors: HashMap::new(),
+            keys: NodePool::default(),
         }
     }
 

@@ -80,6 +80,7 @@ impl Manager {
                 image,
                 watch: &[],
                 register: None,
+                keys: None,
             },
         )?;
         for f in &funcs {
