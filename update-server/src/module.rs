@@ -360,10 +360,12 @@ pub struct FuncSymbol {
 ///   exports nothing), version CRCs, the printk format index;
 /// - `__mcount_loc`, `__patchable_function_entries`: ftrace call sites; patch functions
 ///   keep their `call __fentry__` NOPs and are not traceable;
-/// - `.retpoline_sites`, `.return_sites`, `.call_sites`, `.ibt_endbr_seal`,
-///   `.static_call_sites`: objtool's lists of sites the kernel may rewrite as an
-///   optimisation; unrewritten, they call the retpoline/return thunks and static call
-///   trampolines, which the kernel set up for its CPU, so they behave the same;
+/// - `.call_sites` (call depth tracking, not in 6.1), `.ibt_endbr_seal` (IBT, not
+///   configured): objtool's lists of sites the kernel may rewrite as an optimisation;
+/// - `.static_call_sites`: static call sites stay calls of their trampoline, which the
+///   kernel keeps pointing at the current target (why that is the same behaviour:
+///   [`crate::thunks`]); `.retpoline_sites` and `.return_sites` are loaded and rewritten
+///   as the kernel rewrites its own ([`crate::thunks`]);
 /// - `.smp_locks`: LOCK prefixes to strip on a uniprocessor boot; kept, they are correct;
 /// - `.parainstructions`: paravirt call sites; unpatched they call through `pv_ops`,
 ///   which is what they are patched into on this kernel (correct, a few cycles slower);
@@ -376,8 +378,6 @@ fn skipped(name: &str) -> bool {
         ".gnu.linkonce.this_module",
         ".note",
         "__mcount_loc",
-        ".return_sites",
-        ".retpoline_sites",
         ".call_sites",
         ".ibt_endbr_seal",
         "__patchable_function_entries",

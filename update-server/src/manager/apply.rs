@@ -17,6 +17,7 @@ use crate::ktables::{self, Plan, TableError};
 use crate::link;
 use crate::module::{CallbackKind, PatchModule};
 use crate::runpre::{self, SiteError, FTRACE_NOP, JMP_LEN};
+use crate::thunks;
 
 impl Manager {
     /// Applies a parsed module. On any error the guest is left untouched.
@@ -154,6 +155,22 @@ impl Reservation<'_> {
             e => ApplyError::Link(e),
         })?;
         let caps = g.cpu_caps()?;
+        // The kernel's order (module_finalize): retpolines, returns, then alternatives.
+        if thunks::has_sites(m, thunks::RETPOLINE_SECTION) || thunks::has_sites(m, thunks::RETURN_SECTION) {
+            let env = thunk_env(g, m, caps.clone())?;
+            let st = thunks::apply(m, &mut linked, &env)?;
+            log::info!(
+                "thunks: {} of {} retpoline sites rewritten, {} return sites ({})",
+                st.retpolines_rewritten,
+                st.retpolines,
+                st.returns,
+                if env.has_rethunk() {
+                    format!("jmp {}", g.describe(env.x86_return_thunk))
+                } else {
+                    "ret".to_string()
+                }
+            );
+        }
         let alts = alternatives::apply(m, &mut linked, &caps)?;
         if alts.records > 0 {
             log::info!(
@@ -356,6 +373,31 @@ impl Reservation<'_> {
         }
         Ok(id)
     }
+}
+
+/// What the kernel chose for its retpoline and return sites: `caps` and the thunks (the
+/// symbols a module's sites need; `x86_return_thunk` read from guest memory).
+fn thunk_env(g: &dyn Guest, m: &PatchModule, caps: Vec<u32>) -> Result<thunks::ThunkEnv, ApplyError> {
+    let need = |section: &'static str, symbol: &'static str| -> Result<u64, ApplyError> {
+        if !thunks::has_sites(m, section) {
+            return Ok(0);
+        }
+        g.link_symbol(symbol)
+            .map_err(|_| thunks::ThunkError::NoSymbol { section, symbol }.into())
+    };
+    let var = need(thunks::RETURN_SECTION, "x86_return_thunk")?;
+    let mut chosen = [0u8; 8];
+    if var != 0 {
+        g.read(var, &mut chosen)?;
+    }
+    Ok(thunks::ThunkEnv {
+        caps,
+        return_thunk: need(thunks::RETURN_SECTION, "__x86_return_thunk")?,
+        x86_return_thunk: u64::from_le_bytes(chosen),
+        its_return_thunk: g.link_symbol("its_return_thunk").ok(),
+        indirect_thunks: need(thunks::RETPOLINE_SECTION, "__x86_indirect_thunk_array")?,
+        its_thunks: g.link_symbol("__x86_indirect_its_thunk_array").ok(),
+    })
 }
 
 /// The error for a module place that is not inside the linked image (which [`link::link`]

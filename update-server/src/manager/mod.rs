@@ -35,6 +35,7 @@ use crate::ktables::TableError;
 use crate::link::LinkError;
 use crate::module::ModuleError;
 use crate::runpre::{SiteError, JMP_LEN};
+use crate::thunks::ThunkError;
 
 pub use inspect::find_blockers;
 pub use patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchState};
@@ -57,6 +58,9 @@ pub enum ApplyError {
     /// Patching the module's alternatives for the guest's CPU failed.
     #[error("alternatives: {0}")]
     Alternatives(#[from] AltError),
+    /// Rewriting the module's retpoline or return-thunk sites failed.
+    #[error("retpoline/return thunk sites: {0}")]
+    Thunks(#[from] ThunkError),
     /// The module's static branches (`__jump_table`) cannot be used.
     #[error("static keys: {0}")]
     Jumps(#[from] JumpError),
