@@ -45,7 +45,8 @@ fn static_branches_in_patch_code_follow_the_guest_key() {
     let r = call(&sock, Op::Apply, None, &signed);
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
-    wait_state(&sock, id, PatchState::Committed);
+    let info = wait_state(&sock, id, PatchState::Committed);
+    eprintln!("apply (key off): vCPUs paused {} us, apply {} us", info.pause_us, info.apply_us);
     assert_eq!(version(&mut s), branches(false));
     // The guest flips the key: its jump_label_update() patches the patch code too.
     flip(&mut s, true);
@@ -67,7 +68,8 @@ fn static_branches_in_patch_code_follow_the_guest_key() {
     let r = call(&sock, Op::Apply, None, &signed);
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
-    wait_state(&sock, id, PatchState::Committed);
+    let info = wait_state(&sock, id, PatchState::Committed);
+    eprintln!("apply (key on, node reused): vCPUs paused {} us, apply {} us", info.pause_us, info.apply_us);
     assert_eq!(version(&mut s), branches(true));
     flip(&mut s, false);
     assert_eq!(version(&mut s), branches(false));
