@@ -46,7 +46,10 @@ fn static_branches_in_patch_code_follow_the_guest_key() {
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
     let info = wait_state(&sock, id, PatchState::Committed);
-    eprintln!("apply (key off): vCPUs paused {} us, apply {} us", info.pause_us, info.apply_us);
+    eprintln!(
+        "apply (key off): vCPUs paused {} us, apply {} us",
+        info.pause_us, info.apply_us
+    );
     assert_eq!(version(&mut s), branches(false));
     // The guest flips the key: its jump_label_update() patches the patch code too.
     flip(&mut s, true);
@@ -69,7 +72,10 @@ fn static_branches_in_patch_code_follow_the_guest_key() {
     assert!(r.ok, "{r:?}");
     let id = r.patches[0].id;
     let info = wait_state(&sock, id, PatchState::Committed);
-    eprintln!("apply (key on, node reused): vCPUs paused {} us, apply {} us", info.pause_us, info.apply_us);
+    eprintln!(
+        "apply (key on, node reused): vCPUs paused {} us, apply {} us",
+        info.pause_us, info.apply_us
+    );
     assert_eq!(version(&mut s), branches(true));
     flip(&mut s, false);
     assert_eq!(version(&mut s), branches(false));

@@ -742,3 +742,42 @@ fn static_key_nodes_go_on_the_keys_list() {
     assert_eq!((g.value(p), g.value(p + 8), g.value(p + 16)), (v, 0, 0));
     assert_eq!(pool.plan(&table).unwrap()[0].reuse, Some(p), "reused by the next patch");
 }
+
+/// Static branches need the patch registered as a module (kernel_text_address, the key
+/// lists): without module support the patch is refused before anything is written; a
+/// return-thunk site needs the kernel's thunk symbols.
+#[test]
+fn static_branches_and_thunk_sites_need_the_kernels_support() {
+    use crate::module::LoadSection;
+    let g = apply_guest();
+    let mut mgr = Manager::new(&g);
+    let mut m = module_for(&["f1"], false);
+    m.sections.push(LoadSection {
+        index: object::SectionIndex(2),
+        name: crate::jumplabel::JUMP_SECTION.into(),
+        data: vec![0; 16],
+        align: 8,
+        exec: false,
+        write: true,
+    });
+    let e = mgr.apply(&g, &m).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::Tables(_)) && e.to_string().contains("static keys (__jump_table)"),
+        "{e}"
+    );
+    let mut m = module_for(&["f1"], false);
+    m.sections.push(LoadSection {
+        index: object::SectionIndex(2),
+        name: crate::thunks::RETURN_SECTION.into(),
+        data: vec![0; 4],
+        align: 4,
+        exec: false,
+        write: false,
+    });
+    let e = mgr.apply(&g, &m).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::Thunks(crate::thunks::ThunkError::NoSymbol { .. })),
+        "{e}"
+    );
+    assert_eq!(site_bytes(&g, F1), runpre::FTRACE_NOP.to_vec(), "nothing written");
+}
