@@ -122,6 +122,33 @@ pub struct CodeInfo {
     pub orc: (u64, u64, u64),
     /// `Elf64_Sym` array, its length (entry 0 empty), string table, type chars.
     pub kallsyms: (u64, u64, u64, u64),
+    /// Sorted `__jump_table` (`jump_entries`) and its number of entries.
+    pub jump_table: (u64, u64),
+}
+
+/// The guest kernel's static key structures, for linking patch code's static branches
+/// into the kernel's key lists ([`crate::jumplabel`]): byte offsets from BTF and addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyAbi {
+    /// `struct static_key`: size, offset of `enabled` (atomic_t), of `type` (the
+    /// `type`/`entries`/`next` union).
+    pub key_size: u64,
+    /// Offset of `static_key.enabled`.
+    pub key_enabled: u64,
+    /// Offset of `static_key.type`.
+    pub key_type: u64,
+    /// `sizeof(struct static_key_mod)`.
+    pub node_size: u64,
+    /// Offset of `static_key_mod.next`.
+    pub node_next: u64,
+    /// Offset of `static_key_mod.entries`.
+    pub node_entries: u64,
+    /// Offset of `static_key_mod.mod`.
+    pub node_mod: u64,
+    /// Address of `jump_label_mutex.owner`.
+    pub mutex_owner: u64,
+    /// `[_stext, _end)`: where the keys of vmlinux lie.
+    pub kernel: (u64, u64),
 }
 
 /// A vCPU's state while the world is stopped.
@@ -210,6 +237,13 @@ pub trait Guest: Send + Sync {
     fn pin_module(&self, m: &ModuleRef) -> Result<(), GuestError>;
     /// Drops a reference [`pin_module`](Self::pin_module) took. Call with the world stopped.
     fn unpin_module(&self, m: &ModuleRef) -> Result<(), GuestError>;
+    /// The guest kernel's static key structures; an error if it has none lucos can use
+    /// (no `CONFIG_JUMP_LABEL`, BTF without them).
+    fn key_abi(&self) -> Result<KeyAbi, GuestError> {
+        Err(GuestError::Refused(
+            "static keys are not supported by this guest".into(),
+        ))
+    }
     /// Name of the function containing `addr`, for messages.
     fn describe(&self, addr: u64) -> String;
     /// Reads guest kernel-virtual memory.

@@ -84,6 +84,7 @@ pub fn needs_registration(m: &PatchModule) -> Vec<&'static str> {
     [
         (EX_TABLE, "exception tables (__ex_table)"),
         (BUG_TABLE, "BUG/WARN tables (__bug_table)"),
+        (crate::jumplabel::JUMP_SECTION, "static keys (__jump_table)"),
     ]
     .into_iter()
     .filter(|(s, _)| section(m, s).is_some())

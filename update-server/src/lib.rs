@@ -18,6 +18,10 @@
 //! - `ktables`: the module's exception, BUG/WARN and ORC tables and a symbol table,
 //!   readied for the guest kernel, which finds them through a `struct module` the VMM
 //!   registers for the patch.
+//! - `thunks`: the module's retpoline and return-thunk sites rewritten for the kernel's
+//!   mitigations (spectre_v2, retbleed/SRSO return thunks, ITS), as it rewrote its own.
+//! - `jumplabel`: the module's static branches (`__jump_table`) linked, set to their keys'
+//!   states and put on the keys' lists so that the guest kernel updates them on a flip.
 //! - `runpre`: the Ksplice-style check that each old function starts with the bytes the
 //!   patch expects, decoded with iced-x86 (whole instructions only).
 //! - `manager`: apply (stop the world, write `jmp rel32`, carry data over and write-protect
@@ -32,6 +36,7 @@ pub mod alternatives;
 pub mod apisock;
 pub mod client;
 pub mod guest;
+pub mod jumplabel;
 pub mod ktables;
 pub mod link;
 pub mod manager;
@@ -40,3 +45,4 @@ pub mod protocol;
 pub mod runpre;
 pub mod service;
 pub mod signing;
+pub mod thunks;

@@ -61,7 +61,7 @@ pub enum ModuleError {
     /// executable section.
     #[error("replacement function '{0}' is not defined in the module's code")]
     NoNewFunction(String),
-    /// The module has a non-empty section lucos cannot honour (e.g. `__jump_table`); the
+    /// The module has a non-empty section lucos cannot honour (e.g. `__tracepoints`); the
     /// string names the section and what it is for.
     #[error("not supported: {0}")]
     Unsupported(String),
@@ -377,7 +377,7 @@ pub struct PatchModule {
     pub data: Vec<DataRule>,
     /// Callbacks from `.lucos.callback`, in record order.
     pub callbacks: Vec<Callback>,
-    /// Non-fatal problems found while parsing (e.g. an ignored `__jump_table`), to show the user.
+    /// Non-fatal problems found while parsing (e.g. an ignored section), to show the user.
     pub warnings: Vec<String>,
     /// The functions defined in loaded code (for the guest kernel's symbol lookups).
     pub functions: Vec<FuncSymbol>,
@@ -406,10 +406,12 @@ pub struct FuncSymbol {
 ///   exports nothing), version CRCs, the printk format index;
 /// - `__mcount_loc`, `__patchable_function_entries`: ftrace call sites; patch functions
 ///   keep their `call __fentry__` NOPs and are not traceable;
-/// - `.retpoline_sites`, `.return_sites`, `.call_sites`, `.ibt_endbr_seal`,
-///   `.static_call_sites`: objtool's lists of sites the kernel may rewrite as an
-///   optimisation; unrewritten, they call the retpoline/return thunks and static call
-///   trampolines, which the kernel set up for its CPU, so they behave the same;
+/// - `.call_sites` (call depth tracking, not in 6.1), `.ibt_endbr_seal` (IBT, not
+///   configured): objtool's lists of sites the kernel may rewrite as an optimisation;
+/// - `.static_call_sites`: static call sites stay calls of their trampoline, which the
+///   kernel keeps pointing at the current target (why that is the same behaviour:
+///   [`crate::thunks`]); `.retpoline_sites` and `.return_sites` are loaded and rewritten
+///   as the kernel rewrites its own ([`crate::thunks`]);
 /// - `.smp_locks`: LOCK prefixes to strip on a uniprocessor boot; kept, they are correct;
 /// - `.parainstructions`: paravirt call sites; unpatched they call through `pv_ops`,
 ///   which is what they are patched into on this kernel (correct, a few cycles slower);
@@ -422,8 +424,6 @@ fn skipped(name: &str) -> bool {
         ".gnu.linkonce.this_module",
         ".note",
         "__mcount_loc",
-        ".return_sites",
-        ".retpoline_sites",
         ".call_sites",
         ".ibt_endbr_seal",
         "__patchable_function_entries",
@@ -446,14 +446,11 @@ fn skipped(name: &str) -> bool {
 /// Sections whose presence means code that needs something lucos does not provide: a
 /// module with one is refused before anything is written to the guest. (`__ex_table`,
 /// `__bug_table` and the ORC tables are loaded and registered with the guest kernel:
-/// [`crate::ktables`]; `.altinstructions` are applied: [`crate::alternatives`].)
+/// [`crate::ktables`]; `.altinstructions` are applied: [`crate::alternatives`]; static
+/// branches (`__jump_table`) are linked into the kernel's key lists: [`crate::jumplabel`].)
 fn unsupported(name: &str) -> Option<&'static str> {
     Some(match name {
         "__param" => "module parameters (__param)",
-        "__jump_table" => {
-            "static keys (__jump_table): their sites would keep the build-time default and \
-             not follow the guest's key flips"
-        }
         n if n.starts_with(".data..percpu") => {
             "per-CPU variables (.data..percpu): they need per-CPU memory the module loader \
              allocates"
@@ -874,7 +871,6 @@ pub(crate) mod tests {
     #[test]
     fn sections_lucos_cannot_honour_are_refused_by_name() {
         for (section, why) in [
-            ("__jump_table", "static keys"),
             (".data..percpu", "per-CPU variables"),
             ("__tracepoints", "tracepoint"),
             ("__dyndbg", "dynamic debug"),
@@ -888,7 +884,10 @@ pub(crate) mod tests {
             );
         }
         // Empty ones do not matter; tables lucos registers are loaded.
-        assert!(PatchModule::parse(&module_with("__jump_table", &[])).is_ok());
+        assert!(PatchModule::parse(&module_with("__tracepoints", &[])).is_ok());
+        // Static branches are loaded (and linked into the kernel's key lists).
+        let m = PatchModule::parse(&module_with("__jump_table", &[0; 16])).unwrap();
+        assert!(m.sections.iter().any(|s| s.name == "__jump_table"));
         let m = PatchModule::parse(&module_with("__ex_table", &[0; 12])).unwrap();
         assert!(m.sections.iter().any(|s| s.name == "__ex_table"));
         let m = PatchModule::parse(&module_with(".parainstructions", &[0; 16])).unwrap();

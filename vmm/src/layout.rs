@@ -95,4 +95,57 @@ impl PatchRegion {
     pub fn contains_va(&self, va: u64) -> bool {
         va >= self.va && va < self.va + PATCH_REGION_SIZE
     }
+
+    /// Whether the guest kernel has a `struct page` for every page of the region, given the
+    /// guest's RAM `[start, end)` ranges (the region among them). The region is e820
+    /// reserved, so the kernel's memblock does not list it; but sparsemem allocates and
+    /// initializes (as reserved pages) the memory map of a whole [`MEM_SECTION`] when any
+    /// RAM lies in it. `text_poke()` on patch code (a static key flip) needs them:
+    /// `vmalloc_to_page()` of the region's 2 MiB mapping is `pfn_to_page()`.
+    pub fn has_struct_pages(&self, ram: &[(u64, u64)]) -> bool {
+        let (lo, hi) = (self.gpa, self.gpa + PATCH_REGION_SIZE);
+        let mut sec = lo & !(MEM_SECTION - 1);
+        while sec < hi {
+            let end = sec + MEM_SECTION;
+            // RAM in [sec, end) outside [lo, hi).
+            let other = ram.iter().any(|&(a, b)| {
+                let (a, b) = (a.max(sec), b.min(end));
+                a < b && (a < lo || b > hi)
+            });
+            if !other {
+                return false;
+            }
+            sec = end;
+        }
+        true
+    }
+}
+
+/// Size of a Linux sparsemem memory section on x86-64 (`SECTION_SIZE_BITS` 27).
+pub const MEM_SECTION: u64 = 128 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_patch_region_has_struct_pages_when_its_section_has_ram() {
+        let ram = |mem: u64| -> Vec<(u64, u64)> {
+            crate::memory::ram_ranges(mem)
+                .into_iter()
+                .map(|(a, l)| (a.0, a.0 + l as u64))
+                .collect()
+        };
+        for mib in [512u64, 1024, 2048, 4096, 200] {
+            let r = PatchRegion::for_memory(mib << 20);
+            assert!(r.has_struct_pages(&ram(mib << 20)), "{mib} MiB");
+        }
+        // 144 MiB: the region fills 128..144 MiB, a section with no other RAM.
+        let r = PatchRegion::for_memory(144 << 20);
+        assert_eq!(r.gpa, 128 << 20);
+        assert!(!r.has_struct_pages(&ram(144 << 20)));
+        // 136 MiB: the region straddles 128 MiB; its upper part is alone in its section.
+        let r = PatchRegion::for_memory(136 << 20);
+        assert!(!r.has_struct_pages(&ram(136 << 20)));
+    }
 }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use lucos_update_server::apisock::{ApiSocket, ApiSocketError};
 use lucos_update_server::guest::{
-    CodeInfo, Guest, GuestError, ModuleLookupError, ModuleRef, PatchRegion, StackSpan, SymbolError, TableSizes,
-    TaskState, VcpuState, WriteRule,
+    CodeInfo, Guest, GuestError, KeyAbi, ModuleLookupError, ModuleRef, PatchRegion, StackSpan, SymbolError,
+    TableSizes, TaskState, VcpuState, WriteRule,
 };
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::{Caller, GuestRights, Limits, Policy, UpdateServer};
@@ -334,6 +334,23 @@ impl Guest for VmGuest {
         self.kernel
             .register_code(self.handle.memory(), at, info)
             .map_err(|e| GuestError::Introspection(e.into()))
+    }
+
+    fn key_abi(&self) -> Result<KeyAbi, GuestError> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let ram: Vec<(u64, u64)> = self
+            .handle
+            .memory()
+            .iter()
+            .map(|r| (r.start_addr().0, r.start_addr().0 + r.len()))
+            .collect();
+        if !self.region.has_struct_pages(&ram) {
+            return Err(GuestError::Refused(format!(
+                "the patch region at {:#x} lies in a memory section without other RAM: the guest kernel has no struct page for it, and text_poke() of static branches in patch code would fault (give the guest more memory)",
+                self.region.gpa
+            )));
+        }
+        self.kernel.key_abi().map_err(|e| GuestError::Introspection(e.into()))
     }
 
     fn unregister_code(&self, at: u64) -> Result<(), GuestError> {

@@ -12,11 +12,13 @@ use super::transfer::transfer_data;
 use super::{ApplyError, Manager, SITE_RETRIES};
 use crate::alternatives;
 use crate::guest::{module_of, Guest, ModuleRef, VcpuState};
-use crate::guest::{CodeInfo, TableSizes};
+use crate::guest::{CodeInfo, KeyAbi, TableSizes};
+use crate::jumplabel::{self, JumpError, JumpTable, KeyLink, NodeChoice};
 use crate::ktables::{self, Plan, TableError};
 use crate::link;
 use crate::module::{CallbackKind, PatchModule, SymbolPlace};
 use crate::runpre::{self, SiteError, FTRACE_NOP, JMP_LEN};
+use crate::thunks;
 
 impl Manager {
     /// Applies a parsed module. On any error the guest is left untouched.
@@ -159,6 +161,22 @@ impl Reservation<'_> {
             e => ApplyError::Link(e),
         })?;
         let caps = g.cpu_caps()?;
+        // The kernel's order (module_finalize): retpolines, returns, then alternatives.
+        if thunks::has_sites(m, thunks::RETPOLINE_SECTION) || thunks::has_sites(m, thunks::RETURN_SECTION) {
+            let env = thunk_env(g, m, caps.clone())?;
+            let st = thunks::apply(m, &mut linked, &env)?;
+            log::info!(
+                "thunks: {} of {} retpoline sites rewritten, {} return sites ({})",
+                st.retpolines_rewritten,
+                st.retpolines,
+                st.returns,
+                if env.has_rethunk() {
+                    format!("jmp {}", g.describe(env.x86_return_thunk))
+                } else {
+                    "ret".to_string()
+                }
+            );
+        }
         let alts = alternatives::apply(m, &mut linked, &caps)?;
         if alts.records > 0 {
             log::info!(
@@ -167,12 +185,60 @@ impl Reservation<'_> {
                 alts.records
             );
         }
+        // Static branches: linked and sorted here, their kernel keys' nodes placed in the pool.
+        let jumps = if m
+            .sections
+            .iter()
+            .any(|s| s.name == jumplabel::JUMP_SECTION && !s.data.is_empty())
+        {
+            let abi = g.key_abi().map_err(|e| JumpError::NoSupport(e.to_string()))?;
+            jumplabel::prepare(m, &mut linked, Some(&abi))?.map(|t| (t, abi))
+        } else {
+            None
+        };
+        let choices = match &jumps {
+            Some((t, abi)) if !t.kernel_keys.is_empty() => {
+                while self.mgr.keys.free_slots() < self.mgr.keys.needed(t) {
+                    // Pool pages are never freed (see jumplabel): the kernel keeps the nodes.
+                    let page = self.mgr.alloc.alloc(jumplabel::POOL_PAGE).ok_or(ApplyError::NoSpace {
+                        need: jumplabel::POOL_PAGE,
+                        free: self.mgr.alloc.free_bytes(),
+                    })?;
+                    self.mgr.keys.add_page(page, abi.node_size);
+                }
+                self.mgr.keys.abi = Some(*abi);
+                self.mgr.keys.plan(t).unwrap_or_default()
+            }
+            _ => vec![],
+        };
+        if let Some((t, _)) = &jumps {
+            log::info!(
+                "static keys: {} sites, {} kernel keys, {} of the patch's own",
+                t.count,
+                t.kernel_keys.len(),
+                t.own_keys
+            );
+        }
         let reg = match tables {
             Some((plan, sizes)) => {
-                let (meta, info) = ktables::build(m, &mut linked, plan, sizes, &module_name(&m.name))?;
+                let (meta, mut info) = ktables::build(m, &mut linked, plan, sizes, &module_name(&m.name))?;
+                if let Some((t, _)) = &jumps {
+                    info.jump_table = (t.addr, t.count);
+                }
                 Some((base + plan.meta_off, meta, info))
             }
             None => None,
+        };
+        let key_swap = match (&jumps, &reg) {
+            (Some((t, abi)), Some((at, _, _))) if !t.kernel_keys.is_empty() => Some(KeySwap {
+                abi,
+                table: t,
+                module: *at,
+                choices: &choices,
+                done: Default::default(),
+                undone: Default::default(),
+            }),
+            _ => None,
         };
         let mut funcs = Vec::new();
         for (r, &(old_addr, old_size)) in m.replaces.iter().zip(olds) {
@@ -255,7 +321,7 @@ impl Reservation<'_> {
         } else {
             vec![]
         };
-        let (pause, in_old) = swap_sites(
+        let swapped = swap_sites(
             g,
             &Swap {
                 funcs: &funcs,
@@ -266,9 +332,14 @@ impl Reservation<'_> {
                 watch: &watch,
                 register: reg.as_ref().map(|(at, _, info)| (*at, info)),
                 pin: modules,
+                keys: key_swap.as_ref(),
             },
-        )
-        .inspect_err(|e| {
+        );
+        if let Some(k) = &key_swap {
+            // Whatever happened, the nodes linked are in the keys' lists for good.
+            self.mgr.keys.commit(id, &k.done.borrow(), k.undone.get());
+        }
+        let (pause, in_old) = swapped.inspect_err(|e| {
             // Some jump may still lead into the image: never reuse it.
             if matches!(e, ApplyError::Inconsistent { .. }) {
                 self.taken = true;
@@ -330,6 +401,31 @@ impl Reservation<'_> {
     }
 }
 
+/// What the kernel chose for its retpoline and return sites: `caps` and the thunks (the
+/// symbols a module's sites need; `x86_return_thunk` read from guest memory).
+fn thunk_env(g: &dyn Guest, m: &PatchModule, caps: Vec<u32>) -> Result<thunks::ThunkEnv, ApplyError> {
+    let need = |section: &'static str, symbol: &'static str| -> Result<u64, ApplyError> {
+        if !thunks::has_sites(m, section) {
+            return Ok(0);
+        }
+        g.link_symbol(symbol)
+            .map_err(|_| thunks::ThunkError::NoSymbol { section, symbol }.into())
+    };
+    let var = need(thunks::RETURN_SECTION, "x86_return_thunk")?;
+    let mut chosen = [0u8; 8];
+    if var != 0 {
+        g.read(var, &mut chosen)?;
+    }
+    Ok(thunks::ThunkEnv {
+        caps,
+        return_thunk: need(thunks::RETURN_SECTION, "__x86_return_thunk")?,
+        x86_return_thunk: u64::from_le_bytes(chosen),
+        its_return_thunk: g.link_symbol("its_return_thunk").ok(),
+        indirect_thunks: need(thunks::RETPOLINE_SECTION, "__x86_indirect_thunk_array")?,
+        its_thunks: g.link_symbol("__x86_indirect_its_thunk_array").ok(),
+    })
+}
+
 /// The error for a module place that is not inside the linked image (which [`link::link`]
 /// rules out).
 fn outside(name: &str, load_idx: usize, offset: u64) -> ApplyError {
@@ -376,7 +472,29 @@ pub(super) struct Swap<'a> {
     /// Apply only: the guest modules to pin in the same pause, before the code becomes
     /// reachable (rollback unpins them later, once the patch code is idle).
     pub pin: &'a [ModuleRef],
+    /// Apply only: the kernel static keys to link in the same pause, after the registration.
+    pub keys: Option<&'a KeySwap<'a>>,
 }
+
+/// The static keys a swap links ([`jumplabel::link_keys`]) and what it did.
+pub(super) struct KeySwap<'a> {
+    /// The kernel's layout.
+    pub abi: &'a KeyAbi,
+    /// The patch's jump table.
+    pub table: &'a JumpTable,
+    /// The patch's `struct module`.
+    pub module: u64,
+    /// Where the nodes go.
+    pub choices: &'a [NodeChoice],
+    /// Keys linked (kept when the swap fails: the nodes stay in the lists).
+    pub done: std::cell::RefCell<Vec<KeyLink>>,
+    /// The linked nodes were made inert again (the swap failed).
+    pub undone: std::cell::Cell<bool>,
+}
+
+/// How long to wait before another pause when the guest holds `jump_label_mutex` (a key
+/// flip patches text with `text_poke_bp`, which waits for every CPU a few times).
+const KEY_MUTEX_WAIT: Duration = Duration::from_millis(20);
 
 /// Stops the world and writes each function's jump (`install`) or saved bytes. Retries
 /// while a vCPU's RIP is inside a site; re-checks the bytes with the world stopped. Returns
@@ -391,11 +509,14 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
         watch: ranges,
         register,
         pin,
+        keys,
     } = *s;
+    let keys = if install { keys } else { None };
     let mut found = Vec::new();
     let mut last = String::new();
     for attempt in 0..SITE_RETRIES {
         let mut outcome: Result<bool, ApplyError> = Ok(false);
+        let mut wait = Duration::from_micros(200);
         let pause = g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             outcome = (|| {
                 for v in vcpus {
@@ -439,6 +560,15 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                         }));
                     }
                 }
+                // Static key lists are walked and changed only under jump_label_mutex:
+                // with it free, no key update is half done and no walker is on a list.
+                if let Some(k) = keys {
+                    if jumplabel::mutex_held(g, k.abi)? {
+                        last = "the guest holds jump_label_mutex (a static key is changing)".into();
+                        wait = KEY_MUTEX_WAIT;
+                        return Ok(false);
+                    }
+                }
                 // The modules the patch uses stay loaded as long as it is (checked live and
                 // referenced in the same pause that makes the patch reachable).
                 let pin = if install { pin } else { &[] };
@@ -454,6 +584,13 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                     }
                 }
                 let unregister = || {
+                    if let Some(k) = keys {
+                        let nodes: Vec<u64> = k.done.borrow().iter().map(|l| l.node).collect();
+                        match jumplabel::unlink_keys(g, k.abi, &nodes) {
+                            Ok(()) => k.undone.set(true),
+                            Err(e) => warn!("patch {id}: making its static key nodes inert failed: {e}"),
+                        }
+                    }
                     if let Some((at, _)) = register {
                         if let Err(e) = g.unregister_code(at) {
                             warn!("patch {id}: taking the patch code's module record out failed: {e}");
@@ -461,6 +598,15 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                     }
                     unpin();
                 };
+                // Each static branch set to its key's state, the keys' lists given the
+                // patch's nodes: from here on the guest's key flips update the patch code.
+                if let Some(k) = keys {
+                    let r = jumplabel::link_keys(g, k.abi, k.table, k.module, k.choices, &mut k.done.borrow_mut());
+                    if let Err(e) = r {
+                        unregister();
+                        return Err(e.into());
+                    }
+                }
                 if let Err(e) = write_sites(g, funcs, install) {
                     unregister();
                     return Err(e);
@@ -491,7 +637,7 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
             Ok(true) => return Ok((pause, found)),
             Ok(false) => {
                 warn!("attempt {attempt}: {last}; retrying");
-                std::thread::sleep(Duration::from_micros(200));
+                std::thread::sleep(wait);
             }
             Err(e) => return Err(e),
         }

@@ -46,11 +46,39 @@ impl Manager {
         let rolling_back = p.state == PatchState::RollingBack;
         let forget = rolling_back.then_some(p.module_at).flatten();
         let unpin = if rolling_back { p.modules.clone() } else { vec![] };
+        // Its static key nodes are made inert in that same pause, with jump_label_mutex free.
+        let key_nodes = match (forget, self.keys.abi) {
+            (Some(_), Some(abi)) => Some((abi, self.keys.nodes_of(id))).filter(|(_, n)| !n.is_empty()),
+            _ => None,
+        };
         let mut result: Result<Vec<Blocker>, GuestError> = Ok(vec![]);
         g.stop_the_world(&mut |vcpus: &[VcpuState]| {
             result = find_blockers(g, vcpus, &ranges);
-            if let (Some(at), Ok(b)) = (forget, &result) {
+            if let (Some(at), Ok(b)) = (forget, &mut result) {
                 if b.is_empty() {
+                    if let Some((abi, nodes)) = &key_nodes {
+                        match crate::jumplabel::mutex_held(g, abi) {
+                            Ok(false) => {
+                                if let Err(e) = crate::jumplabel::unlink_keys(g, abi, nodes) {
+                                    result = Err(e);
+                                    return;
+                                }
+                            }
+                            Ok(true) => {
+                                b.push(Blocker {
+                                    who: "the guest kernel".into(),
+                                    at: "holds jump_label_mutex: the patch's static key nodes are taken out at a later check"
+                                        .into(),
+                                    task: None,
+                                });
+                                return;
+                            }
+                            Err(e) => {
+                                result = Err(e);
+                                return;
+                            }
+                        }
+                    }
                     if let Err(e) = g.unregister_code(at) {
                         result = Err(e);
                     }
@@ -108,6 +136,7 @@ impl Manager {
                     p.modules.clear();
                     let addr = p.image_addr;
                     self.alloc.free(addr);
+                    self.keys.release(id);
                     info!("patch {id} rolled back; memory freed");
                 }
                 _ => {}

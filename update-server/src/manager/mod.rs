@@ -30,10 +30,12 @@ use thiserror::Error;
 use crate::alloc::RegionAllocator;
 use crate::alternatives::AltError;
 use crate::guest::{Guest, GuestError, ModuleLookupError, SymbolError};
+use crate::jumplabel::{JumpError, NodePool};
 use crate::ktables::TableError;
 use crate::link::LinkError;
 use crate::module::ModuleError;
 use crate::runpre::{SiteError, JMP_LEN};
+use crate::thunks::ThunkError;
 
 pub use inspect::find_blockers;
 pub use patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchState};
@@ -56,6 +58,12 @@ pub enum ApplyError {
     /// Patching the module's alternatives for the guest's CPU failed.
     #[error("alternatives: {0}")]
     Alternatives(#[from] AltError),
+    /// Rewriting the module's retpoline or return-thunk sites failed.
+    #[error("retpoline/return thunk sites: {0}")]
+    Thunks(#[from] ThunkError),
+    /// The module's static branches (`__jump_table`) cannot be used.
+    #[error("static keys: {0}")]
+    Jumps(#[from] JumpError),
     /// A function the module replaces is not in the guest kernel's symbol table.
     #[error("function to replace '{name}': {source}")]
     OldFunction {
@@ -209,6 +217,8 @@ pub struct Manager {
     sites: HashMap<u64, Vec<u32>>,
     /// The last failure of each patch's periodic check, so it is logged once per reason.
     check_errors: HashMap<u32, String>,
+    /// lucos's nodes in the guest's static key lists.
+    keys: NodePool,
 }
 
 impl Manager {
@@ -221,6 +231,7 @@ impl Manager {
             next_id: 1,
             sites: HashMap::new(),
             check_errors: HashMap::new(),
+            keys: NodePool::default(),
         }
     }
 

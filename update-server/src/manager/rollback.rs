@@ -87,6 +87,7 @@ impl Manager {
                 watch: &[],
                 register: None,
                 pin: &[],
+                keys: None,
             },
         )?;
         for f in &funcs {

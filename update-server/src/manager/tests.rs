@@ -844,4 +844,124 @@ fn a_failed_pin_leaves_the_guest_untouched() {
     g.fail_write_at.store(F2 + 1, Ordering::Relaxed);
     assert!(m.apply(&g, &module_for(&["f1", "xfs::f"], false)).is_err());
     assert_eq!(pins(&g, "xfs"), 0);
+/// lucos's nodes on a kernel key's list, as `jump_label_add_module` would put them: a key
+/// not yet linked gets a vmlinux node first; a linked one gets the patch node at the head;
+/// rollback makes the node inert and leaves it (the kernel never frees it).
+#[test]
+fn static_key_nodes_go_on_the_keys_list() {
+    use crate::guest::KeyAbi;
+    use crate::jumplabel::{self, JumpTable, KeyUse, NodePool, Site, NOP5};
+    let g = FakeGuest::default();
+    let abi = KeyAbi {
+        key_size: 16,
+        key_enabled: 0,
+        key_type: 8,
+        node_size: 24,
+        node_next: 0,
+        node_entries: 8,
+        node_mod: 16,
+        mutex_owner: 0xffff_ffff_8290_0000,
+        kernel: (0xffff_ffff_8100_0000, 0xffff_ffff_8300_0000),
+    };
+    const KEY: u64 = 0xffff_ffff_8280_0000;
+    const VMLINUX_ENTRIES: u64 = 0xffff_ffff_8250_0000;
+    const SITE: u64 = IMAGE.0 + 0x10;
+    const MODULE: u64 = IMAGE.0 + 0x1000;
+    // A default-true key, enabled, not linked: type = vmlinux entries | JUMP_TYPE_TRUE.
+    write_uint(&g, KEY, 4, 1).unwrap();
+    write_uint(&g, KEY + 8, 8, VMLINUX_ENTRIES | 1).unwrap();
+    g.write(SITE, &NOP5).unwrap();
+    let table = JumpTable {
+        addr: IMAGE.0 + 0x800,
+        count: 1,
+        kernel_keys: vec![KeyUse {
+            key: KEY,
+            entries: IMAGE.0 + 0x800,
+            sites: vec![Site {
+                code: SITE,
+                target: SITE + 0x20,
+                len: 5,
+                branch: false,
+            }],
+        }],
+        own_keys: 0,
+    };
+    let mut pool = NodePool::default();
+    pool.add_page(0xffff_ffff_9100_0000, abi.node_size);
+    let choices = pool.plan(&table).unwrap();
+    // The guest holds jump_label_mutex: nothing may be linked.
+    write_uint(&g, abi.mutex_owner, 8, 0xffff_8880_0123_4000).unwrap();
+    assert!(jumplabel::mutex_held(&g, &abi).unwrap());
+    write_uint(&g, abi.mutex_owner, 8, 1).unwrap(); // MUTEX_FLAG_WAITERS alone: free
+    assert!(!jumplabel::mutex_held(&g, &abi).unwrap());
+    let mut done = vec![];
+    jumplabel::link_keys(&g, &abi, &table, MODULE, &choices, &mut done).unwrap();
+    let [v, p] = choices[0].fresh;
+    assert_eq!(done[0].node, p);
+    assert_eq!(done[0].consumed, vec![v, p]);
+    assert_eq!(g.value(KEY + 8), p | 2 | 1, "linked, still default-true");
+    assert_eq!(
+        (g.value(p), g.value(p + 8), g.value(p + 16)),
+        (v, IMAGE.0 + 0x800, MODULE)
+    );
+    assert_eq!((g.value(v), g.value(v + 8), g.value(v + 16)), (0, VMLINUX_ENTRIES, 0));
+    let mut site = [0u8; 5];
+    g.read(SITE, &mut site).unwrap();
+    assert_eq!(site, [0xe9, 0x1b, 0, 0, 0], "enabled ^ branch 0: jmp");
+    pool.commit(7, &done, false);
+    assert_eq!(pool.nodes_of(7), vec![p]);
+
+    // A second patch on the now linked key: its node goes at the head.
+    let choices2 = pool.plan(&table).unwrap();
+    let mut done2 = vec![];
+    jumplabel::link_keys(&g, &abi, &table, MODULE + 0x4000, &choices2, &mut done2).unwrap();
+    let p2 = done2[0].node;
+    assert_eq!(done2[0].consumed, vec![p2]);
+    assert_eq!(g.value(KEY + 8), p2 | 3);
+    assert_eq!(g.value(p2), p);
+
+    // Rollback of the first: inert, still on the list.
+    jumplabel::unlink_keys(&g, &abi, &pool.nodes_of(7)).unwrap();
+    pool.release(7);
+    assert_eq!((g.value(p), g.value(p + 8), g.value(p + 16)), (v, 0, 0));
+    assert_eq!(pool.plan(&table).unwrap()[0].reuse, Some(p), "reused by the next patch");
+}
+
+/// Static branches need the patch registered as a module (kernel_text_address, the key
+/// lists): without module support the patch is refused before anything is written; a
+/// return-thunk site needs the kernel's thunk symbols.
+#[test]
+fn static_branches_and_thunk_sites_need_the_kernels_support() {
+    use crate::module::LoadSection;
+    let g = apply_guest();
+    let mut mgr = Manager::new(&g);
+    let mut m = module_for(&["f1"], false);
+    m.sections.push(LoadSection {
+        index: object::SectionIndex(2),
+        name: crate::jumplabel::JUMP_SECTION.into(),
+        data: vec![0; 16],
+        align: 8,
+        exec: false,
+        write: true,
+    });
+    let e = mgr.apply(&g, &m).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::Tables(_)) && e.to_string().contains("static keys (__jump_table)"),
+        "{e}"
+    );
+    let mut m = module_for(&["f1"], false);
+    m.sections.push(LoadSection {
+        index: object::SectionIndex(2),
+        name: crate::thunks::RETURN_SECTION.into(),
+        data: vec![0; 4],
+        align: 4,
+        exec: false,
+        write: false,
+    });
+    let e = mgr.apply(&g, &m).unwrap_err();
+    assert!(
+        matches!(&e, ApplyError::Thunks(crate::thunks::ThunkError::NoSymbol { .. })),
+        "{e}"
+    );
+    assert_eq!(site_bytes(&g, F1), runpre::FTRACE_NOP.to_vec(), "nothing written");
 }

@@ -55,6 +55,10 @@ pub enum KernelError {
         /// The PMD entry found there.
         entry: u64,
     },
+    /// The kernel has no static keys lucos can link patch code's static branches into
+    /// (no `CONFIG_JUMP_LABEL`, or not x86-64's relative `struct jump_entry`).
+    #[error("the guest kernel has no static key support lucos can use (CONFIG_JUMP_LABEL, 16-byte jump_entry)")]
+    NoJumpLabel,
     /// The task list has more entries than the limit given (corrupt, or changing under us).
     #[error("more than {0} tasks: the task list looks corrupt")]
     TooManyTasks(usize),

@@ -28,6 +28,7 @@ use crate::memory::GuestMem;
 /// inside the patch image), as the kernel's `struct module` records them; the update
 /// server fills it in.
 pub use lucos_update_server::guest::CodeInfo as CodeModule;
+use lucos_update_server::guest::KeyAbi;
 
 /// Byte offsets the registration needs, from BTF.
 #[derive(Debug, Clone, Copy)]
@@ -60,6 +61,8 @@ pub(super) struct Layout {
     root_tree: u64,
     addr_min: u64,
     addr_max: u64,
+    /// `jump_entries`, `num_jump_entries` (CONFIG_JUMP_LABEL only).
+    jumps: Option<(u64, u64)>,
 }
 
 /// Size of `struct rb_node`: node[1] of a `latch_tree_node` follows node[0].
@@ -120,6 +123,7 @@ impl GuestKernel {
             root_tree: t("root.tree")?,
             addr_min: t("addr_min")?,
             addr_max: t("addr_max")?,
+            jumps: m("jump_entries").and_then(|a| Ok((a, m("num_jump_entries")?))).ok(),
         })
     }
 
@@ -169,6 +173,16 @@ impl GuestKernel {
         put(ks + l.ks_strtab, &c.kallsyms.2.to_le_bytes());
         put(ks + l.ks_typetab, &c.kallsyms.3.to_le_bytes());
         put(l.kallsyms, &(at + ks).to_le_bytes());
+        // The static branches, which the kernel's jump_label_update() finds through the
+        // key lists lucos links in the same pause (update server's jumplabel).
+        match l.jumps {
+            Some((entries, num)) => {
+                put(entries, &c.jump_table.0.to_le_bytes());
+                put(num, &(c.jump_table.1 as u32).to_le_bytes());
+            }
+            None if c.jump_table.1 > 0 => return Err(KernelError::NoJumpLabel),
+            None => {}
+        }
         v.write(at, &m)?;
         let core = at + l.core;
 
@@ -219,6 +233,29 @@ impl GuestKernel {
             v.write(prev, &next.to_le_bytes())?;
         }
         Ok(())
+    }
+
+    /// The kernel's static key structures, for linking patch code's static branches
+    /// into the keys' lists (the update server's `jumplabel`); an error without
+    /// `CONFIG_JUMP_LABEL` or with a `struct jump_entry` other than x86-64's relative one.
+    pub fn key_abi(&self) -> Result<KeyAbi, KernelError> {
+        let b = &self.btf;
+        let entry = b.size_of("jump_entry")?;
+        if entry != 16 {
+            return Err(KernelError::NoJumpLabel);
+        }
+        let n = |p: &str| b.offset_of("static_key_mod", p);
+        Ok(KeyAbi {
+            key_size: b.size_of("static_key")?,
+            key_enabled: b.offset_of("static_key", "enabled")?,
+            key_type: b.offset_of("static_key", "type")?,
+            node_size: b.size_of("static_key_mod")?,
+            node_next: n("next")?,
+            node_entries: n("entries")?,
+            node_mod: n("mod")?,
+            mutex_owner: self.sym("jump_label_mutex")? + b.offset_of("mutex", "owner")?,
+            kernel: (self.sym("_stext")?, self.sym("_end")?),
+        })
     }
 
     fn bump_latch(&self, v: &GuestVirt, seq: u64) -> Result<(), KernelError> {
