@@ -844,6 +844,8 @@ fn a_failed_pin_leaves_the_guest_untouched() {
     g.fail_write_at.store(F2 + 1, Ordering::Relaxed);
     assert!(m.apply(&g, &module_for(&["f1", "xfs::f"], false)).is_err());
     assert_eq!(pins(&g, "xfs"), 0);
+}
+
 /// lucos's nodes on a kernel key's list, as `jump_label_add_module` would put them: a key
 /// not yet linked gets a vmlinux node first; a linked one gets the patch node at the head;
 /// rollback makes the node inert and leaves it (the kernel never frees it).
