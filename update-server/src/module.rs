@@ -459,7 +459,7 @@ fn unsupported(name: &str) -> Option<&'static str> {
             "tracepoint or trace event definitions (they need registration with the tracing \
              core); using the kernel's own tracepoints is fine"
         }
-        "__dyndbg" | "__dyndbg_classes" => "dynamic debug descriptors (__dyndbg)",
+        "__dyndbg_classes" => "dynamic debug class maps (DECLARE_DYNDBG_CLASSMAP)",
         ".init_array" | ".ctors" => "constructors (.init_array: GCOV/KASAN builds)",
         "_kprobe_blacklist" => "kprobe blacklists (_kprobe_blacklist)",
         "__static_call_tramp_key" | ".static_call.text" => "static call definitions (DEFINE_STATIC_CALL)",
@@ -527,7 +527,7 @@ impl PatchModule {
                 hdr.e_machine(e)
             )));
         }
-        let warnings = Vec::new();
+        let mut warnings = Vec::new();
         let mut pending = Vec::new();
         let mut load_of = std::collections::HashMap::new();
         for sec in file.sections() {
@@ -536,6 +536,18 @@ impl PatchModule {
             let flags = sh.sh_flags(e);
             if flags & u64::from(elf::SHF_ALLOC) == 0 || skipped(&name) {
                 continue;
+            }
+            // pr_debug()/dev_dbg() descriptors are loaded as data: each call site tests its
+            // descriptor's static key (off, as every new descriptor starts in the kernel,
+            // and linked like any key of the patch: [`crate::jumplabel`]) and passes the
+            // descriptor to __dynamic_pr_debug(). They are not registered with the dynamic
+            // debug core, so `dynamic_debug/control` does not list them and cannot turn
+            // them on: the sites stay silent, as they are by default in the kernel.
+            if name == "__dyndbg" && sec.size() > 0 {
+                warnings.push(
+                    "the patch's pr_debug()/dev_dbg() sites stay off: dynamic debug control does not list patch code"
+                        .to_string(),
+                );
             }
             if let Some(what) = unsupported(&name) {
                 if sec.size() > 0 {
@@ -873,7 +885,7 @@ pub(crate) mod tests {
         for (section, why) in [
             (".data..percpu", "per-CPU variables"),
             ("__tracepoints", "tracepoint"),
-            ("__dyndbg", "dynamic debug"),
+            ("__dyndbg_classes", "dynamic debug class maps"),
             ("__param", "module parameters"),
         ] {
             let e = PatchModule::parse(&module_with(section, &[0; 16])).unwrap_err();
@@ -886,6 +898,10 @@ pub(crate) mod tests {
         // Empty ones do not matter; tables lucos registers are loaded.
         assert!(PatchModule::parse(&module_with("__tracepoints", &[])).is_ok());
         // Static branches are loaded (and linked into the kernel's key lists).
+        // pr_debug descriptors are loaded, with a warning that they stay off.
+        let m = PatchModule::parse(&module_with("__dyndbg", &[0; 56])).unwrap();
+        assert!(m.sections.iter().any(|s| s.name == "__dyndbg"));
+        assert!(m.warnings.iter().any(|w| w.contains("pr_debug")), "{:?}", m.warnings);
         let m = PatchModule::parse(&module_with("__jump_table", &[0; 16])).unwrap();
         assert!(m.sections.iter().any(|s| s.name == "__jump_table"));
         let m = PatchModule::parse(&module_with("__ex_table", &[0; 12])).unwrap();

@@ -58,8 +58,8 @@ const NMI_VECTOR: u64 = 2;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CallError {
     /// No vCPU reached a safe point within the wait given.
-    #[error("no vCPU reached a safe point (user mode, or idle with interrupts on) within {0:?}")]
-    NoSafePoint(std::time::Duration),
+    #[error("no vCPU reached a safe point (user mode, or idle with interrupts on) within {0:?}; last seen: {1}")]
+    NoSafePoint(std::time::Duration, String),
     /// The vCPU picked was not at a safe point after all when the call was entered
     /// (the caller picks again).
     #[error("vCPU {vcpu} is not at a safe point: {why}")]

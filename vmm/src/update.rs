@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use lucos_update_server::apisock::{ApiSocket, ApiSocketError};
 use lucos_update_server::guest::{
-    CodeInfo, Guest, GuestError, KeyAbi, ModuleLookupError, ModuleRef, PatchRegion, StackSpan, SymbolError,
-    TableSizes, TaskState, VcpuState, WriteRule,
+    CodeInfo, Guest, GuestError, KeyAbi, ModuleLookupError, ModuleRef, PatchRegion, StackSpan, SymbolError, TableSizes,
+    TaskState, VcpuState, WriteRule,
 };
 use lucos_update_server::protocol::VSOCK_PORT;
 use lucos_update_server::service::{Caller, GuestRights, Limits, Policy, UpdateServer};
@@ -48,6 +48,9 @@ const IDLE_FUNCTIONS: &[&str] = &[
     "default_idle",
     "arch_cpu_idle",
     "default_idle_call",
+    // AMD CPUs with the E400 erratum (and the CPU models KVM reports for some): its
+    // default_idle() is inlined here at -O2.
+    "amd_e400_idle",
 ];
 
 /// Runs `f` until it succeeds once: `done` records that it did (a failure is retried on
@@ -197,10 +200,32 @@ impl VmGuest {
         loop {
             let paused = self.handle.pause(PAUSE_TIMEOUT)?;
             let Some(id) = paused.snapshots.iter().find(|s| self.at_safe_point(s)).map(|s| s.id) else {
-                drop(paused);
                 if t0.elapsed() > SAFE_POINT_WAIT {
-                    return Err(CallError::NoSafePoint(SAFE_POINT_WAIT));
+                    // Say where the vCPUs were, so that a guest whose idle loop halts
+                    // elsewhere (or never halts) is easy to tell.
+                    let seen = paused
+                        .snapshots
+                        .iter()
+                        .map(|s| {
+                            format!(
+                                "vCPU {} {} at {}{}{}",
+                                s.id,
+                                if s.kernel_mode { "kernel" } else { "user" },
+                                self.describe(s.rip),
+                                if s.halted { ", halted" } else { "" },
+                                if s.rflags & RFLAGS_IF != 0 {
+                                    ""
+                                } else {
+                                    ", interrupts off"
+                                }
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    drop(paused);
+                    return Err(CallError::NoSafePoint(SAFE_POINT_WAIT, seen));
                 }
+                drop(paused);
                 std::thread::sleep(Duration::from_millis(2));
                 continue;
             };

@@ -37,7 +37,9 @@ impl Manager {
     pub fn check(&mut self, g: &dyn Guest, id: u32) -> Result<PatchState, ApplyError> {
         let p = self.get(id)?;
         let ranges = Self::busy_ranges(p);
-        if ranges.is_empty() {
+        // A patch in transition that replaced nothing (callbacks only) has no old code to
+        // wait for: the check below commits it.
+        if ranges.is_empty() && p.state != PatchState::Transition {
             return Ok(p.state);
         }
         let protected = p.data.iter().any(|d| d.protected);

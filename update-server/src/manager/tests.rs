@@ -967,3 +967,18 @@ fn static_branches_and_thunk_sites_need_the_kernels_support() {
     );
     assert_eq!(site_bytes(&g, F1), runpre::FTRACE_NOP.to_vec(), "nothing written");
 }
+
+/// A patch of callbacks only (kpatch's macro-callbacks) replaces nothing and commits at once.
+#[test]
+fn a_callback_only_patch_commits() {
+    let g = apply_guest();
+    let mut m = Manager::new(&g);
+    let mut module = module_with_callback(CallbackKind::Apply, "", false);
+    module.replaces.clear();
+    let id = m.apply(&g, &module).unwrap();
+    assert_eq!(m.get(id).unwrap().state, PatchState::Committed);
+    assert_eq!(site_bytes(&g, F1), FTRACE_NOP, "nothing redirected");
+    m.rollback(&g, id).unwrap();
+    m.check_all(&g);
+    assert_eq!(m.get(id).unwrap().state, PatchState::RolledBack);
+}
