@@ -20,10 +20,13 @@
 #
 # Environment:
 #   LUCOS_LANE_TIMEOUT  seconds before L1 is stopped (default 3600)
-#   LUCOS_LANE_MEM      L1 memory (default 4G)       LUCOS_LANE_SMP  L1 vCPUs (default 2)
+#   LUCOS_LANE_MEM      L1 memory (default 4G)
+#   LUCOS_LANE_SMP      L1 vCPUs (default 1: one TCG thread, so no cross-CPU code
+#                       modification races; 2 runs L2's vCPUs in parallel, ~1.4x faster,
+#                       and now and then breaks L1 or an L2 guest, see README "Lanes")
 #   LUCOS_LANE_CPU      QEMU -cpu for L1 (default: max without XSAVE/AVX, see below)
 #   LUCOS_LANE_TCG_THREAD  multi (default: one host thread per L1 vCPU) or single (one
-#                       thread for both: about 3x slower, no cross-CPU code-modification races)
+#                       thread for all L1 vCPUs: with 2, about 3x slower)
 #   LUCOS_LANE_RW       extra writable host paths, colon separated (the checkout always is)
 #   LUCOS_LANE_VERBOSE  1: copy L1's console to stderr as it runs
 #   LUCOS_LANE_HOLD     0: do not keep an idle VM open in L1 (see images/lane/kvm-hold.c)
@@ -103,7 +106,7 @@ cpu=${LUCOS_LANE_CPU:-max,-xsave,-avx,-avx2,-fma,-f16c,-vaes,-vpclmulqdq}
 bios=(); [ -f /usr/share/qemu/qboot.rom ] && bios=(-bios /usr/share/qemu/qboot.rom)
 t0=$(date +%s.%N)
 timeout -k 10 "${LUCOS_LANE_TIMEOUT:-3600}" qemu-system-x86_64 \
-    -accel "tcg,thread=${LUCOS_LANE_TCG_THREAD:-multi}" -M pc -cpu "$cpu" -smp "${LUCOS_LANE_SMP:-2}" -m "${LUCOS_LANE_MEM:-4G}" \
+    -accel "tcg,thread=${LUCOS_LANE_TCG_THREAD:-multi}" -M pc -cpu "$cpu" -smp "${LUCOS_LANE_SMP:-1}" -m "${LUCOS_LANE_MEM:-4G}" \
     -nodefaults -display none -no-reboot "${bios[@]}" \
     -kernel "$img/vmlinuz" -initrd "$img/initramfs.cpio" \
     -append "console=ttyS0 panic=1 quiet loglevel=4 lane.run=$run lane.hold=${LUCOS_LANE_HOLD:-1}" \
