@@ -35,6 +35,10 @@ pub enum GuestError {
     /// object spanning non-contiguous pages).
     #[error("{0}")]
     Refused(String),
+    /// The guest holds a lock the change needs free (what it is, in words); nothing was
+    /// changed, and a later pause may succeed.
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// Part of a per-CPU stack (IRQ, exception) that can hold a paused vCPU's live frames.
@@ -100,6 +104,9 @@ pub struct TableSizes {
     pub extable_entry: u64,
     /// `struct orc_entry`.
     pub orc_entry: u64,
+    /// `struct _ddebug` (`pr_debug()` descriptors); 0 when the kernel has no dynamic debug
+    /// core lucos can list them with.
+    pub ddebug_entry: u64,
 }
 
 /// Patch code to register with the guest kernel as a module (all guest-virtual addresses,
@@ -124,6 +131,9 @@ pub struct CodeInfo {
     pub kallsyms: (u64, u64, u64, u64),
     /// Sorted `__jump_table` (`jump_entries`) and its number of entries.
     pub jump_table: (u64, u64),
+    /// `__dyndbg`: the `pr_debug()` descriptors and their number, listed with the dynamic
+    /// debug core (`dynamic_debug/control`) while the code is registered.
+    pub dyndbg: (u64, u64),
 }
 
 /// The guest kernel's static key structures, for linking patch code's static branches

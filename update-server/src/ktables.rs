@@ -51,6 +51,8 @@ pub enum TableError {
 
 const EX_TABLE: &str = "__ex_table";
 const BUG_TABLE: &str = "__bug_table";
+/// `pr_debug()`/`dev_dbg()` descriptors (`struct _ddebug`).
+const DYNDBG: &str = "__dyndbg";
 const ORC_IP: &str = ".orc_unwind_ip";
 const ORC: &str = ".orc_unwind";
 /// `sizeof(Elf64_Sym)`.
@@ -194,6 +196,16 @@ pub fn build(
     }
     if let Some((_, addr, n)) = bug {
         info.bugs = (addr, n); // scanned linearly by find_bug: no order needed
+    }
+    // Listed with the dynamic debug core by the VMM (a linear list: no order needed).
+    if sizes.ddebug_entry > 0 {
+        if let Some((_, addr, n)) = table(DYNDBG, sizes.ddebug_entry)? {
+            info.dyndbg = (addr, n);
+        }
+    } else if section(m, DYNDBG).is_some() {
+        log::warn!(
+            "{name}: the guest kernel has no dynamic debug core lucos can use: the patch's pr_debug() sites stay off"
+        );
     }
     match (orc_ip, orc) {
         (Some((ip_off, ip_addr, ips)), Some((orc_off, orc_addr, orcs))) => {

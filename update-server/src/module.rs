@@ -527,7 +527,7 @@ impl PatchModule {
                 hdr.e_machine(e)
             )));
         }
-        let mut warnings = Vec::new();
+        let warnings = Vec::new();
         let mut pending = Vec::new();
         let mut load_of = std::collections::HashMap::new();
         for sec in file.sections() {
@@ -537,18 +537,12 @@ impl PatchModule {
             if flags & u64::from(elf::SHF_ALLOC) == 0 || skipped(&name) {
                 continue;
             }
-            // pr_debug()/dev_dbg() descriptors are loaded as data: each call site tests its
-            // descriptor's static key (off, as every new descriptor starts in the kernel,
-            // and linked like any key of the patch: [`crate::jumplabel`]) and passes the
-            // descriptor to __dynamic_pr_debug(). They are not registered with the dynamic
-            // debug core, so `dynamic_debug/control` does not list them and cannot turn
-            // them on: the sites stay silent, as they are by default in the kernel.
-            if name == "__dyndbg" && sec.size() > 0 {
-                warnings.push(
-                    "the patch's pr_debug()/dev_dbg() sites stay off: dynamic debug control does not list patch code"
-                        .to_string(),
-                );
-            }
+            // pr_debug()/dev_dbg() descriptors (`__dyndbg`) are loaded as data: each call
+            // site tests its descriptor's static key (off, as every new descriptor starts in
+            // the kernel, and linked like any key of the patch: [`crate::jumplabel`]) and
+            // passes the descriptor to __dynamic_pr_debug(). The VMM lists them with the
+            // dynamic debug core while the code is registered ([`crate::ktables`]), so
+            // `dynamic_debug/control` shows them and turns them on.
             if let Some(what) = unsupported(&name) {
                 if sec.size() > 0 {
                     return Err(ModuleError::Unsupported(format!("section {name}: {what}")));
@@ -898,10 +892,9 @@ pub(crate) mod tests {
         // Empty ones do not matter; tables lucos registers are loaded.
         assert!(PatchModule::parse(&module_with("__tracepoints", &[])).is_ok());
         // Static branches are loaded (and linked into the kernel's key lists).
-        // pr_debug descriptors are loaded, with a warning that they stay off.
+        // pr_debug descriptors are loaded (and listed with the dynamic debug core).
         let m = PatchModule::parse(&module_with("__dyndbg", &[0; 56])).unwrap();
         assert!(m.sections.iter().any(|s| s.name == "__dyndbg"));
-        assert!(m.warnings.iter().any(|w| w.contains("pr_debug")), "{:?}", m.warnings);
         let m = PatchModule::parse(&module_with("__jump_table", &[0; 16])).unwrap();
         assert!(m.sections.iter().any(|s| s.name == "__jump_table"));
         let m = PatchModule::parse(&module_with("__ex_table", &[0; 12])).unwrap();

@@ -34,6 +34,14 @@ use crate::symbols::Scope;
 use crate::vcpu::CallJob;
 use crate::vm::VmHandle;
 
+/// A busy guest lock stays [`GuestError::Busy`] (the server tries again in a later pause).
+fn registration_error(e: KernelError) -> GuestError {
+    match e {
+        KernelError::Busy(why) => GuestError::Busy(why),
+        e => GuestError::Introspection(e.into()),
+    }
+}
+
 /// How long to wait for all vCPUs to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a guest call waits for a vCPU to reach a safe point.
@@ -351,6 +359,7 @@ impl Guest for VmGuest {
             bug_entry: size("bug_entry")?,
             extable_entry: size("exception_table_entry")?,
             orc_entry: size("orc_entry")?,
+            ddebug_entry: k.ddebug_entry_size().map_err(intro)?,
         })
     }
 
@@ -358,7 +367,7 @@ impl Guest for VmGuest {
         self.ensure_verified()?;
         self.kernel
             .register_code(self.handle.memory(), at, info)
-            .map_err(|e| GuestError::Introspection(e.into()))
+            .map_err(registration_error)
     }
 
     fn key_abi(&self) -> Result<KeyAbi, GuestError> {
@@ -381,7 +390,7 @@ impl Guest for VmGuest {
     fn unregister_code(&self, at: u64) -> Result<(), GuestError> {
         self.kernel
             .unregister_code(self.handle.memory(), at)
-            .map_err(|e| GuestError::Introspection(e.into()))
+            .map_err(registration_error)
     }
 
     fn link_symbol(&self, name: &str) -> Result<u64, SymbolError> {

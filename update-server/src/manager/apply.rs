@@ -11,7 +11,7 @@ use super::patch::{Blocker, DataPatch, FuncPatch, Patch, PatchCallback, PatchSta
 use super::transfer::transfer_data;
 use super::{ApplyError, Manager, SITE_RETRIES};
 use crate::alternatives;
-use crate::guest::{module_of, Guest, ModuleRef, VcpuState};
+use crate::guest::{module_of, Guest, GuestError, ModuleRef, VcpuState};
 use crate::guest::{CodeInfo, KeyAbi, TableSizes};
 use crate::jumplabel::{self, JumpError, JumpTable, KeyLink, NodeChoice};
 use crate::ktables::{self, Plan, TableError};
@@ -578,9 +578,19 @@ pub(super) fn swap_sites(g: &dyn Guest, s: &Swap) -> Result<(Duration, Vec<Block
                 // symbols) before any jump can reach it.
                 let register = if install { register } else { None };
                 if let Some((at, info)) = register {
-                    if let Err(e) = g.register_code(at, info) {
-                        unpin();
-                        return Err(e.into());
+                    match g.register_code(at, info) {
+                        Ok(()) => {}
+                        // A lock the registration needs is held (nothing was written).
+                        Err(GuestError::Busy(why)) => {
+                            unpin();
+                            last = why;
+                            wait = KEY_MUTEX_WAIT;
+                            return Ok(false);
+                        }
+                        Err(e) => {
+                            unpin();
+                            return Err(e.into());
+                        }
                     }
                 }
                 let unregister = || {

@@ -81,8 +81,14 @@ impl Manager {
                             }
                         }
                     }
-                    if let Err(e) = g.unregister_code(at) {
-                        result = Err(e);
+                    match g.unregister_code(at) {
+                        Ok(()) => {}
+                        Err(GuestError::Busy(why)) => b.push(Blocker {
+                            who: "the guest kernel".into(),
+                            at: format!("{why}: the patch's module record is taken out at a later check"),
+                            task: None,
+                        }),
+                        Err(e) => result = Err(e),
                     }
                 }
             }

@@ -59,6 +59,14 @@ pub enum KernelError {
     /// (no `CONFIG_JUMP_LABEL`, or not x86-64's relative `struct jump_entry`).
     #[error("the guest kernel has no static key support lucos can use (CONFIG_JUMP_LABEL, 16-byte jump_entry)")]
     NoJumpLabel,
+    /// Patch code has `pr_debug()` descriptors and the kernel no dynamic debug core lucos
+    /// can list them with (no `CONFIG_DYNAMIC_DEBUG_CORE`, or BTF without its tables).
+    #[error("the patch has pr_debug() descriptors (__dyndbg) and the guest kernel no dynamic debug core lucos can list them with")]
+    NoDynamicDebug,
+    /// The guest holds a lock the change needs free; nothing was changed: try in a later
+    /// pause.
+    #[error("busy: {0}")]
+    Busy(String),
     /// The task list has more entries than the limit given (corrupt, or changing under us).
     #[error("more than {0} tasks: the task list looks corrupt")]
     TooManyTasks(usize),

@@ -19,6 +19,7 @@
 //! `modules` list: `lsmod`, `rmmod` and the module loader never see it, so the guest cannot
 //! unload or free it. It is taken out the same way once no thread runs the patch code.
 
+use super::dyndbg::{self, DdebugLayout, Descriptors};
 use super::kernel::{GuestKernel, KernelError};
 use super::pagewalk::{GuestVirt, WalkError};
 use super::rbtree::{RbTree, Words};
@@ -63,7 +64,14 @@ pub(super) struct Layout {
     addr_max: u64,
     /// `jump_entries`, `num_jump_entries` (CONFIG_JUMP_LABEL only).
     jumps: Option<(u64, u64)>,
+    /// The dynamic debug core (CONFIG_DYNAMIC_DEBUG_CORE only); its table for the patch
+    /// follows the `struct module`, at `table_at` bytes.
+    ddebug: Option<DdebugLayout>,
+    table_at: u64,
 }
+
+/// Why a pause cannot touch the dynamic debug tables.
+const DDEBUG_BUSY: &str = "the guest holds ddebug_lock (dynamic_debug/control is in use)";
 
 /// Size of `struct rb_node`: node[1] of a `latch_tree_node` follows node[0].
 const RB_NODE: u64 = 24;
@@ -124,7 +132,31 @@ impl GuestKernel {
             addr_min: t("addr_min")?,
             addr_max: t("addr_max")?,
             jumps: m("jump_entries").and_then(|a| Ok((a, m("num_jump_entries")?))).ok(),
+            ddebug: self.read_ddebug_layout().ok(),
+            table_at: b.size_of("module")?.next_multiple_of(8),
         })
+    }
+
+    fn read_ddebug_layout(&self) -> Result<DdebugLayout, KernelError> {
+        let b = &self.btf;
+        let t = |p: &str| b.offset_of("ddebug_table", p);
+        Ok(DdebugLayout {
+            entry: b.size_of("_ddebug")?,
+            table: b.size_of("ddebug_table")?,
+            link: t("link")?,
+            maps: t("maps")?,
+            mod_name: t("mod_name")?,
+            num: t("num_ddebugs")?,
+            ddebugs: t("ddebugs")?,
+            head: self.sym("ddebug_tables")?,
+            lock_owner: self.sym("ddebug_lock")? + b.offset_of("mutex", "owner")?,
+        })
+    }
+
+    /// `sizeof(struct _ddebug)`, or 0 if the kernel has no dynamic debug core lucos can
+    /// list patch descriptors with.
+    pub fn ddebug_entry_size(&self) -> Result<u64, KernelError> {
+        Ok(self.module_layout()?.ddebug.map_or(0, |d| d.entry))
     }
 
     /// Bytes of the kernel's `struct module`, or an error if the kernel has no module
@@ -133,15 +165,34 @@ impl GuestKernel {
     pub fn module_struct_size(&self) -> Result<u64, KernelError> {
         self.sym("mod_tree")?;
         self.sym("module_bug_list")?;
-        Ok(self.module_layout()?.size)
+        let l = self.module_layout()?;
+        Ok(match l.ddebug {
+            Some(d) => l.table_at + d.table,
+            None => l.size,
+        })
     }
 
     /// Writes a `struct module` for `c` at `at` (inside the patch image, `module_struct_size`
-    /// bytes) and links it into the kernel's module address tree and BUG list. Every vCPU
-    /// must be paused.
+    /// bytes) and links it into the kernel's module address tree and BUG list, and its
+    /// `pr_debug()` descriptors into the dynamic debug core's tables. Every vCPU must be
+    /// paused. [`KernelError::Busy`], with nothing written, while the guest holds
+    /// `ddebug_lock` and the patch has descriptors.
     pub fn register_code(&self, mem: &GuestMem, at: u64, c: &CodeModule) -> Result<(), KernelError> {
         let l = self.module_layout()?;
         let v = self.virt(mem);
+        let ddebug = match (c.dyndbg.1, l.ddebug) {
+            (0, _) => None,
+            (_, None) => return Err(KernelError::NoDynamicDebug),
+            (_, Some(d)) if dyndbg::lock_held(&v, &d)? => return Err(KernelError::Busy(DDEBUG_BUSY.into())),
+            (n, Some(d)) => Some((
+                d,
+                Descriptors {
+                    addr: c.dyndbg.0,
+                    count: n,
+                    name: at + l.name,
+                },
+            )),
+        };
         // The struct is built here and written at once (one page walk, not one per field).
         let mut m = vec![0u8; l.size as usize];
         let mut put = |off: u64, bytes: &[u8]| {
@@ -208,14 +259,30 @@ impl GuestKernel {
         v.write(entry + 8, &head.to_le_bytes())?;
         v.write(first + 8, &entry.to_le_bytes())?;
         v.write(head, &entry.to_le_bytes())?;
+
+        // dynamic_debug/control lists the descriptors from here on.
+        if let Some((d, descs)) = ddebug {
+            dyndbg::link(&v, &d, at + l.table_at, &descs)?;
+        }
         Ok(())
     }
 
-    /// Takes the module registered at `at` out of the address tree and the BUG list. Every
-    /// vCPU must be paused. A module that is not in the tree is left alone.
+    /// Takes the module registered at `at` out of the address tree, the BUG list and the
+    /// dynamic debug tables. Every vCPU must be paused. A module that is not in the tree is
+    /// left alone. [`KernelError::Busy`], with nothing changed, while its descriptors are
+    /// listed and the guest holds `ddebug_lock`.
     pub fn unregister_code(&self, mem: &GuestMem, at: u64) -> Result<(), KernelError> {
         let l = self.module_layout()?;
         let v = self.virt(mem);
+        if let Some(d) = l.ddebug {
+            let table = at + l.table_at;
+            if dyndbg::is_linked(&v, &d, table)? {
+                if dyndbg::lock_held(&v, &d)? {
+                    return Err(KernelError::Busy(DDEBUG_BUSY.into()));
+                }
+                dyndbg::unlink(&v, &d, table)?;
+            }
+        }
         let tree = self.sym("mod_tree")?;
         let node = at + l.core + l.l_mtn_node;
         for idx in 0..2 {
