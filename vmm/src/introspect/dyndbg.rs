@@ -107,21 +107,8 @@ pub fn unlink<W: Words>(w: &W, l: &DdebugLayout, table: u64) -> Result<(), W::Er
 
 #[cfg(test)]
 mod tests {
+    use super::super::rbtree::testing::Mem;
     use super::*;
-    use std::cell::RefCell;
-    use std::collections::HashMap;
-
-    struct Mem(RefCell<HashMap<u64, u64>>);
-    impl Words for Mem {
-        type Error = String;
-        fn read(&self, a: u64) -> Result<u64, String> {
-            self.0.borrow().get(&a).copied().ok_or(format!("unmapped {a:#x}"))
-        }
-        fn write(&self, a: u64, v: u64) -> Result<(), String> {
-            self.0.borrow_mut().insert(a, v);
-            Ok(())
-        }
-    }
 
     const HEAD: u64 = 0x1000;
     const OWNER: u64 = 0x2000;
@@ -140,17 +127,11 @@ mod tests {
         }
     }
 
-    /// Memory with the kernel's list holding `tables` (each a zeroed 56-byte table).
-    fn guest(tables: &[u64]) -> Mem {
-        let m = Mem(RefCell::new(HashMap::new()));
-        m.write(OWNER, 0).unwrap();
+    /// Memory with an empty kernel list and the lock free (tables read as zeroed).
+    fn guest() -> Mem {
+        let m = Mem::default();
         m.write(HEAD, HEAD).unwrap();
         m.write(HEAD + 8, HEAD).unwrap();
-        for &t in tables {
-            for off in (0..56).step_by(8) {
-                m.write(t + off, 0).unwrap();
-            }
-        }
         m
     }
 
@@ -174,7 +155,7 @@ mod tests {
     fn tables_go_on_at_the_tail_and_come_off_wherever_they_are() {
         let l = layout();
         let (kernel, a, b) = (0x3000, 0x4000, 0x5000);
-        let m = guest(&[kernel, a, b]);
+        let m = guest();
         let d = |addr| Descriptors {
             addr,
             count: 3,
@@ -201,7 +182,7 @@ mod tests {
 
     #[test]
     fn the_lock_owner_decides() {
-        let (l, m) = (layout(), guest(&[]));
+        let (l, m) = (layout(), guest());
         assert!(!lock_held(&m, &l).unwrap());
         m.write(OWNER, 0xffff_8880_0123_4000).unwrap();
         assert!(lock_held(&m, &l).unwrap());

@@ -287,14 +287,16 @@ impl<'a, W: Words> RbTree<'a, W> {
     }
 }
 
+/// Word memory for unit tests of code that edits guest structures through [`Words`].
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod testing {
+    use super::Words;
     use std::cell::RefCell;
     use std::collections::HashMap;
 
+    /// Sparse memory: a word never written reads as 0.
     #[derive(Default)]
-    struct Mem(RefCell<HashMap<u64, u64>>);
+    pub(crate) struct Mem(RefCell<HashMap<u64, u64>>);
     impl Words for Mem {
         type Error = ();
         fn read(&self, a: u64) -> Result<u64, ()> {
@@ -305,6 +307,12 @@ mod tests {
             Ok(())
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::Mem;
+    use super::*;
 
     const ROOT: u64 = 0x100;
     /// Node i lives at 0x1000 * (i + 1); its key is in the word after the node.
