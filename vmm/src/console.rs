@@ -14,6 +14,9 @@ use crate::devices::serial::SerialPort;
 use crate::events::VmEvent;
 
 const CTRL_A: u8 = 0x01;
+/// How long received bytes may sit unread before the serial RX interrupt is raised again
+/// (a guest that reads its console takes them far sooner).
+const RX_KICK_AFTER: Duration = Duration::from_millis(50);
 
 /// Restores the terminal mode when dropped.
 pub struct RawModeGuard(bool);
@@ -108,6 +111,31 @@ pub fn spawn_stdin_forwarder(serial: Arc<Mutex<SerialPort>>, events: Sender<VmEv
     });
     if let Err(e) = spawned {
         log::warn!("cannot start console input thread: {e}");
+    }
+}
+
+/// Starts the thread that raises the serial RX interrupt again when received bytes sit
+/// unread with the interrupt enabled for a whole period (see [`SerialPort`]: an interrupt
+/// the guest never saw would otherwise leave its console input stalled). It ends with the
+/// serial port.
+pub fn spawn_rx_watchdog(serial: &Arc<Mutex<SerialPort>>) {
+    let serial = Arc::downgrade(serial);
+    let spawned = std::thread::Builder::new().name("console-rx".into()).spawn(move || {
+        let mut last = None;
+        loop {
+            std::thread::sleep(RX_KICK_AFTER);
+            let Some(serial) = serial.upgrade() else { return };
+            let port = serial.lock().unwrap_or_else(|e| e.into_inner());
+            let waiting = port.0.fifo_capacity();
+            // The same bytes still waiting as a period ago: the guest read none of them.
+            if last == Some(waiting) && port.kick_rx() {
+                crate::info_limited!("console input unread for {RX_KICK_AFTER:?}: serial RX interrupt raised again");
+            }
+            last = port.rx_waiting().then_some(waiting);
+        }
+    });
+    if let Err(e) = spawned {
+        log::warn!("cannot start console RX watchdog thread: {e}");
     }
 }
 

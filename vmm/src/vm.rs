@@ -354,6 +354,7 @@ impl Vm {
         let _raw = opts.stdin.then(console::RawModeGuard::new);
         if opts.stdin {
             console::spawn_stdin_forwarder(self.serial.clone(), self.shared.events.clone(), true);
+            console::spawn_rx_watchdog(&self.serial);
         }
         let mut handles: Vec<JoinHandle<()>> = Vec::new();
         for v in self.vcpus {

@@ -88,12 +88,53 @@ impl Write for ConsoleOut {
 pub type SerialDevice = Serial<EventFdTrigger, NoEvents, ConsoleOut>;
 
 /// Port-I/O adapter for the vm-superio serial.
+///
+/// On a 16550 the received-data interrupt is a *condition*: it stays pending, and IIR
+/// reports it, as long as received data waits with the interrupt enabled. vm-superio models
+/// it as an edge that any IIR read forgets, so an IIR read that does not lead to draining
+/// the FIFO, or an edge lost on its way to the vCPU, leaves bytes in a full FIFO that
+/// nobody will read: the guest's console input stalls for good (seen in the SVM lane while
+/// tests typed long lines). The adapter reports the condition in IIR as the hardware does,
+/// and [`SerialPort::kick_rx`] raises the interrupt again for input the guest has left
+/// unread (the console's RX watchdog).
 pub struct SerialPort(pub SerialDevice);
+
+const IIR: u8 = 2;
+const IIR_NONE: u8 = 0x01;
+const IIR_RDA: u8 = 0x04;
+const IIR_FIFO: u8 = 0xc0;
+const IER_RDA: u8 = 0x01;
+const LCR_DLAB: u8 = 0x80;
+const LSR_DATA_READY: u8 = 0x01;
+
+impl SerialPort {
+    /// Received data waits with the received-data interrupt enabled.
+    pub fn rx_waiting(&self) -> bool {
+        let s = self.0.state();
+        s.line_control & LCR_DLAB == 0 && s.line_status & LSR_DATA_READY != 0 && s.interrupt_enable & IER_RDA != 0
+    }
+
+    /// Raises the received-data interrupt again if its condition holds (input the guest has
+    /// not read although the interrupt is enabled). Returns whether it did.
+    pub fn kick_rx(&self) -> bool {
+        if !self.rx_waiting() {
+            return false;
+        }
+        if let Err(e) = self.0.interrupt_evt().trigger() {
+            log::warn!("serial interrupt: {e}");
+        }
+        true
+    }
+}
 
 impl BusDevice for SerialPort {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if let Some(b) = data.first_mut() {
-            *b = self.0.read(offset as u8);
+            let mut v = self.0.read(offset as u8);
+            if offset as u8 == IIR && v & IIR_NONE != 0 && self.rx_waiting() {
+                v = (v & IIR_FIFO) | IIR_RDA;
+            }
+            *b = v;
         }
     }
 
@@ -131,6 +172,48 @@ mod tests {
         ));
         c.write_all(b"[ 3.0] reboot: System halted\r\n").unwrap();
         assert!(matches!(rx.try_recv(), Ok(VmEvent::ConsoleClaim(ConsoleClaim::Halted))));
+    }
+
+    fn port() -> (SerialPort, EventFd) {
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let port = SerialPort(Serial::new(
+            EventFdTrigger(evt.try_clone().unwrap()),
+            ConsoleOut::new(Box::new(std::io::sink()), tx),
+        ));
+        (port, evt)
+    }
+
+    fn inb(p: &mut SerialPort, offset: u64) -> u8 {
+        let mut b = [0u8];
+        p.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn received_data_stays_pending_until_read() {
+        let (mut p, evt) = port();
+        p.write(1, &[IER_RDA]); // IER: received-data interrupt on
+        let _ = evt.read();
+        assert!(!p.kick_rx(), "nothing received");
+        p.0.enqueue_raw_bytes(b"ab").unwrap();
+        assert!(evt.read().is_ok(), "the first byte raises the interrupt");
+        // Every IIR read reports the data until it is read (vm-superio alone: once).
+        assert_eq!(inb(&mut p, 2) & 0x0f, IIR_RDA);
+        assert_eq!(inb(&mut p, 2) & 0x0f, IIR_RDA);
+        // Left unread, the interrupt can be raised again.
+        assert!(p.kick_rx());
+        assert!(evt.read().is_ok());
+        assert_eq!(inb(&mut p, 0), b'a');
+        assert_eq!(inb(&mut p, 0), b'b');
+        assert_eq!(inb(&mut p, 2) & 0x0f, IIR_NONE, "drained");
+        assert!(!p.kick_rx());
+        // With the interrupt off, nothing is raised.
+        p.write(1, &[0]);
+        p.0.enqueue_raw_bytes(b"c").unwrap();
+        let _ = evt.read();
+        assert!(!p.kick_rx());
+        assert_eq!(inb(&mut p, 2) & 0x0f, IIR_NONE);
     }
 
     #[test]
