@@ -96,7 +96,8 @@ pub fn module_of(spec: &str) -> Option<&str> {
 /// Sizes of the guest kernel's structures that patch code's tables are made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TableSizes {
-    /// `struct module`.
+    /// The module record the VMM writes: `struct module` and what it appends (the dynamic
+    /// debug table).
     pub module: u64,
     /// `struct bug_entry`.
     pub bug_entry: u64,

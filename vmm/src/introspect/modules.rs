@@ -65,9 +65,15 @@ pub(super) struct Layout {
     /// `jump_entries`, `num_jump_entries` (CONFIG_JUMP_LABEL only).
     jumps: Option<(u64, u64)>,
     /// The dynamic debug core (CONFIG_DYNAMIC_DEBUG_CORE only); its table for the patch
-    /// follows the `struct module`, at `table_at` bytes.
+    /// follows the `struct module` ([`Layout::table_at`]).
     ddebug: Option<DdebugLayout>,
-    table_at: u64,
+}
+
+impl Layout {
+    /// Offset of the patch's `struct ddebug_table` in its module record.
+    fn table_at(&self) -> u64 {
+        self.size.next_multiple_of(8)
+    }
 }
 
 /// Why a pause cannot touch the dynamic debug tables.
@@ -133,7 +139,6 @@ impl GuestKernel {
             addr_max: t("addr_max")?,
             jumps: m("jump_entries").and_then(|a| Ok((a, m("num_jump_entries")?))).ok(),
             ddebug: self.read_ddebug_layout().ok(),
-            table_at: b.size_of("module")?.next_multiple_of(8),
         })
     }
 
@@ -159,15 +164,16 @@ impl GuestKernel {
         Ok(self.module_layout()?.ddebug.map_or(0, |d| d.entry))
     }
 
-    /// Bytes of the kernel's `struct module`, or an error if the kernel has no module
-    /// support lucos can use (no `CONFIG_MODULES`, no `mod_tree`, or BTF without the
-    /// fields above).
+    /// Bytes of the patch's module record (the kernel's `struct module`, then its
+    /// `struct ddebug_table` when the kernel has a dynamic debug core), or an error if the
+    /// kernel has no module support lucos can use (no `CONFIG_MODULES`, no `mod_tree`, or
+    /// BTF without the fields above).
     pub fn module_struct_size(&self) -> Result<u64, KernelError> {
         self.sym("mod_tree")?;
         self.sym("module_bug_list")?;
         let l = self.module_layout()?;
         Ok(match l.ddebug {
-            Some(d) => l.table_at + d.table,
+            Some(d) => l.table_at() + d.table,
             None => l.size,
         })
     }
@@ -262,7 +268,7 @@ impl GuestKernel {
 
         // dynamic_debug/control lists the descriptors from here on.
         if let Some((d, descs)) = ddebug {
-            dyndbg::link(&v, &d, at + l.table_at, &descs)?;
+            dyndbg::link(&v, &d, at + l.table_at(), &descs)?;
         }
         Ok(())
     }
@@ -275,7 +281,7 @@ impl GuestKernel {
         let l = self.module_layout()?;
         let v = self.virt(mem);
         if let Some(d) = l.ddebug {
-            let table = at + l.table_at;
+            let table = at + l.table_at();
             if dyndbg::is_linked(&v, &d, table)? {
                 if dyndbg::lock_held(&v, &d)? {
                     return Err(KernelError::Busy(DDEBUG_BUSY.into()));
