@@ -96,7 +96,9 @@ impl Api {
     }
 
     fn client(&self) -> Result<Client, String> {
-        Client::connect(&Target::Unix(self.sock.clone())).map_err(|e| format!("lucos API: {e}"))
+        // A stuck server fails the run instead of hanging it.
+        Client::connect_timeout(&Target::Unix(self.sock.clone()), std::time::Duration::from_secs(300))
+            .map_err(|e| format!("lucos API: {e}"))
     }
 
     fn first(r: Response) -> Result<PatchInfo, String> {

@@ -60,6 +60,10 @@ pub enum ClientError {
     /// A `status` reply without the patch.
     #[error("the server's status reply names no patch")]
     EmptyStatus,
+    /// The server did not take the request or answer it within the connection's timeout
+    /// ([`Client::connect_timeout`]).
+    #[error("the update server did not answer within {}s", .0.as_secs_f64())]
+    NoReply(Duration),
     /// [`Client::wait_state`] gave up.
     #[error("patch {id} still {state} after {}s; waiting on: {waiting}", .after.as_secs())]
     WaitTimeout {
@@ -74,12 +78,30 @@ pub enum ClientError {
     },
 }
 
-trait Conn: Read + Write + Send {}
-impl<T: Read + Write + Send> Conn for T {}
+/// A connected stream to the server.
+trait Conn: Read + Write + Send {
+    /// Bounds every later read and write (None: wait forever).
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Conn for std::os::unix::net::UnixStream {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Conn for std::fs::File {
+    fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        vsock::set_timeout(self, t)
+    }
+}
 
 /// One connection to the update server.
 pub struct Client {
     conn: Box<dyn Conn>,
+    /// The bound on each read and write, if any.
+    timeout: Option<Duration>,
 }
 
 impl Client {
@@ -93,12 +115,30 @@ impl Client {
             Target::Unix(path) => Box::new(std::os::unix::net::UnixStream::connect(path).map_err(err)?),
             Target::Vsock(port) => Box::new(vsock::connect(vsock::HOST_CID, *port).map_err(err)?),
         };
-        Ok(Client { conn })
+        Ok(Client { conn, timeout: None })
     }
 
-    /// A client on an already connected stream.
-    pub fn from_stream<S: Read + Write + Send + 'static>(s: S) -> Self {
-        Client { conn: Box::new(s) }
+    /// A client on an already connected Unix stream.
+    pub fn from_stream(s: std::os::unix::net::UnixStream) -> Self {
+        Client {
+            conn: Box::new(s),
+            timeout: None,
+        }
+    }
+
+    /// Connects to `target`; a request then fails (with a timed-out I/O error) when the
+    /// server takes more than `timeout` to read it or to answer, instead of waiting forever
+    /// on a stuck server.
+    pub fn connect_timeout(target: &Target, timeout: Duration) -> Result<Self, ClientError> {
+        let mut c = Self::connect(target)?;
+        c.timeout = Some(timeout);
+        c.conn
+            .set_timeout(Some(timeout))
+            .map_err(|source| ClientError::Connect {
+                target: target.to_string(),
+                source,
+            })?;
+        Ok(c)
     }
 
     /// Sends one request and returns the reply, whether it reports success or not. A
@@ -119,9 +159,21 @@ impl Client {
         };
         if let Err(sent) = protocol::write_frame(&mut self.conn, &req, payload) {
             // The server may have answered and closed: its reply explains why.
-            return protocol::read_header(&mut self.conn).map_err(|_| ClientError::Protocol(sent));
+            return protocol::read_header(&mut self.conn).map_err(|_| self.no_reply(sent));
         }
-        Ok(protocol::read_header(&mut self.conn)?)
+        protocol::read_header(&mut self.conn).map_err(|e| self.no_reply(e))
+    }
+
+    /// `e`, or [`ClientError::NoReply`] when it is the connection's timeout expiring.
+    fn no_reply(&self, e: ProtocolError) -> ClientError {
+        match (&e, self.timeout) {
+            (ProtocolError::Io(io), Some(t))
+                if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                ClientError::NoReply(t)
+            }
+            _ => ClientError::Protocol(e),
+        }
     }
 
     /// Sends one request; a failure reply becomes [`ClientError::Refused`].
@@ -213,5 +265,59 @@ mod vsock {
             return Err(io::Error::last_os_error());
         }
         Ok(File::from(fd))
+    }
+
+    /// SO_RCVTIMEO and SO_SNDTIMEO of the socket `f` (None or zero: no limit).
+    pub fn set_timeout(f: &File, t: Option<std::time::Duration>) -> io::Result<()> {
+        let t = t.unwrap_or_default();
+        let tv = libc::timeval {
+            tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_usec: t.subsec_micros() as libc::suseconds_t,
+        };
+        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+            // SAFETY: `tv` is a valid timeval that outlives the call and the length is its
+            // size; the fd is an open socket owned by `f`.
+            let rc = unsafe {
+                libc::setsockopt(
+                    f.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &tv as *const libc::timeval as *const libc::c_void,
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_server_that_never_answers_times_out() {
+        let dir = std::env::temp_dir().join(format!("lucos-client-timeout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("api.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        // Accepts and holds the connection, never reading or answering.
+        let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let mut c = Client::connect_timeout(&Target::Unix(path), Duration::from_millis(300)).unwrap();
+        let t0 = Instant::now();
+        let e = c.request(Op::List, None, &[]).expect_err("no reply: an error");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "gave up after {:?}",
+            t0.elapsed()
+        );
+        assert!(matches!(e, ClientError::NoReply(_)), "{e}");
+        assert_eq!(e.to_string(), "the update server did not answer within 0.3s");
+        drop(held.join());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -34,6 +34,9 @@ struct Cli {
     /// Print the server's reply as JSON (the protocol's typed fields) instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up on a request the server has not answered within SECS (0: wait forever).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 300)]
+    timeout: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -232,6 +235,15 @@ fn target(cli: &Cli) -> Result<Target, Failure> {
         .ok_or_else(|| Failure::Request("no API socket: pass --socket PATH or set LUCOS_API_SOCK".into()))
 }
 
+/// A connection to the server; requests on it give up after `--timeout`.
+fn connect(cli: &Cli) -> Result<Client, Failure> {
+    let target = target(cli)?;
+    Ok(match cli.timeout {
+        0 => Client::connect(&target)?,
+        secs => Client::connect_timeout(&target, std::time::Duration::from_secs(secs))?,
+    })
+}
+
 fn read(path: &PathBuf) -> Result<Vec<u8>, Failure> {
     std::fs::read(path).map_err(|e| Failure::Request(format!("{}: {e}", path.display())))
 }
@@ -249,7 +261,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     protocol::MAX_PAYLOAD
                 )));
             }
-            let mut c = Client::connect(&target(&cli)?)?;
+            let mut c = connect(&cli)?;
             let r = c.call(Op::Apply, None, &data)?;
             print_reply(&r, json, false);
             if let (Some(secs), Some(p)) = (wait, r.patches.first()) {
@@ -257,7 +269,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::List => {
-            let r = Client::connect(&target(&cli)?)?.call(Op::List, None, &[])?;
+            let r = connect(&cli)?.call(Op::List, None, &[])?;
             if json {
                 print_reply(&r, true, false);
             } else {
@@ -271,11 +283,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Cmd::Status { id } => {
-            let r = Client::connect(&target(&cli)?)?.call(Op::Status, *id, &[])?;
+            let r = connect(&cli)?.call(Op::Status, *id, &[])?;
             print_reply(&r, json, true);
         }
         Cmd::Rollback { id, wait } | Cmd::Cancel { id, wait } => {
-            let mut c = Client::connect(&target(&cli)?)?;
+            let mut c = connect(&cli)?;
             print_reply(&c.call(Op::Rollback, Some(*id), &[])?, json, false);
             if let Some(secs) = wait {
                 wait_for(&mut c, *id, PatchState::RolledBack, *secs, json)?;

@@ -62,18 +62,24 @@ impl Keys {
     }
 }
 
+/// How long one API request may take to be answered: a stuck server fails the test
+/// (naming the request) instead of hanging it.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn connect(sock: &Path) -> Client {
+    Client::connect_timeout(&Target::Unix(sock.into()), REPLY_TIMEOUT).expect("connect API socket")
+}
+
 /// One request on the API socket; the reply, success or not.
 pub fn call(sock: &Path, op: Op, id: Option<u32>, payload: &[u8]) -> Response {
-    Client::connect(&Target::Unix(sock.into()))
-        .expect("connect API socket")
-        .request(op, id, payload)
-        .expect("API request")
+    connect(sock)
+        .request(op.clone(), id, payload)
+        .unwrap_or_else(|e| panic!("API request {op:?} (patch {id:?}): {e}"))
 }
 
 /// Polls `status id` until the patch is in state `want` (at most 300 s).
 pub fn wait_state(sock: &Path, id: u32, want: PatchState) -> PatchInfo {
-    Client::connect(&Target::Unix(sock.into()))
-        .expect("connect API socket")
+    connect(sock)
         .wait_state(id, want, Duration::from_secs(300), Duration::from_millis(100))
         .unwrap_or_else(|e| panic!("patch {id} never became {want}: {e}"))
 }
