@@ -104,8 +104,7 @@ fn time_to_marker(mut cmd: Command) -> Result<Duration, String> {
     let r = rx
         .recv_timeout(RUN_TIMEOUT)
         .unwrap_or_else(|_| Err(format!("no '{MARKER}' within {RUN_TIMEOUT:?}")));
-    let _ = child.kill();
-    let _ = child.wait();
+    lucos_bench::guest::kill_and_reap(&mut child);
     r
 }
 

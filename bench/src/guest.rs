@@ -176,7 +176,23 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_and_reap(&mut self.child);
     }
+}
+
+/// Kills `child` and reaps it, waiting at most 30 s: a lucos-vmm stuck in the host kernel
+/// (e.g. in a nested KVM) must not hang the bench. Says so when it is left behind.
+pub fn kill_and_reap(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "lucos-vmm (pid {}) did not exit within 30 s of SIGKILL; left behind",
+        child.id()
+    );
 }

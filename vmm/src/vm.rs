@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use log::{info, warn};
+use log::{error, info, warn};
 use thiserror::Error;
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
@@ -362,7 +362,7 @@ impl Vm {
                 Ok(h) => handles.push(h),
                 Err(e) => {
                     stop_vcpus(&self.shared, &handles);
-                    join_all(handles);
+                    join_all(&self.shared, handles);
                     return Err(VmError::Thread(e));
                 }
             }
@@ -385,7 +385,7 @@ impl Vm {
             eprintln!("\r\n{}", p.finish(30));
         }
         stop_vcpus(&self.shared, &handles);
-        join_all(handles);
+        join_all(&self.shared, handles);
         Ok(reason)
     }
 }
@@ -409,9 +409,31 @@ fn stop_vcpus(shared: &VcpuShared, handles: &[JoinHandle<()>]) {
     }
 }
 
-fn join_all(handles: Vec<JoinHandle<()>>) {
+/// How long the vCPU threads get to leave once the VM stops.
+const VCPU_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Joins the vCPU threads, kicking the ones still running again every 50 ms (a kick that
+/// lands while a thread is busy outside KVM_RUN leaves `immediate_exit` set, but a thread
+/// may be in a wait of its own). A thread that has not left after [`VCPU_EXIT_WAIT`] is
+/// reported and left behind, so the VMM still exits.
+fn join_all(shared: &VcpuShared, handles: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + VCPU_EXIT_WAIT;
+    while handles.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        shared.pause.wake_all();
+        for h in handles.iter().filter(|h| !h.is_finished()) {
+            let _ = h.kill(vcpu::kick_signal());
+        }
+    }
     for h in handles {
-        let _ = h.join();
+        if h.is_finished() {
+            let _ = h.join();
+        } else {
+            error!(
+                "vCPU thread {} did not stop within {VCPU_EXIT_WAIT:?}; exiting without it",
+                h.thread().name().unwrap_or("?")
+            );
+        }
     }
 }
 

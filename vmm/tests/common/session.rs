@@ -162,10 +162,40 @@ impl Session {
 }
 
 impl Drop for Session {
+    /// Kills lucos-vmm and reaps it, but never waits long: a VMM stuck in the host kernel
+    /// (uninterruptible, e.g. in a nested KVM) must not turn a failed test into a hung one.
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let pid = self.child.id();
+        eprintln!(
+            "lucos-vmm (pid {pid}) did not exit within 30 s of SIGKILL: stuck in the host kernel; left behind\n{}",
+            kernel_stacks(pid)
+        );
     }
+}
+
+/// Each thread of process `pid` with its state and host kernel stack (as root), to tell
+/// where a process that ignores SIGKILL is stuck.
+fn kernel_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = t.path();
+        let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+        let stack = std::fs::read_to_string(p.join("stack")).unwrap_or_else(|e| format!("(stack: {e})\n"));
+        out += &format!("thread {}\n{stack}", stat.trim());
+    }
+    out
 }
 
 /// A fresh temporary directory.
