@@ -16,10 +16,16 @@
 # (images/lane/build-image.sh; cached under ~/.cache/lucos).
 #
 # Exit status: the command's; 125 when the lane could not run it (L1 failed; its console
-# is printed), 124 when LUCOS_LANE_TIMEOUT expired, 2 for a usage error.
+# is printed; also when L1 stopped responding, see LUCOS_LANE_STALL), 124 when
+# LUCOS_LANE_TIMEOUT expired, 2 for a usage error.
 #
 # Environment:
 #   LUCOS_LANE_TIMEOUT  seconds before L1 is stopped (default 3600)
+#   LUCOS_LANE_STALL    seconds without L1's heartbeat before L1 is taken as wedged and
+#                       stopped (default 240; exit status 125)
+#   LUCOS_LANE_WEDGE_RETRIES  times to run the command again in a fresh L1 after such a
+#                       wedge (default 0; .ci/run sets 1). Only a stopped heartbeat counts:
+#                       a command that fails or hangs is never run again.
 #   LUCOS_LANE_MEM      L1 memory (default 4G)
 #   LUCOS_LANE_SMP      L1 vCPUs (default 1: one TCG thread, so no cross-CPU code
 #                       modification races; 2 runs L2's vCPUs in parallel, ~1.4x faster,
@@ -114,8 +120,30 @@ timeout -k 10 "${LUCOS_LANE_TIMEOUT:-3600}" qemu-system-x86_64 \
     -device virtio-serial-pci,id=vser \
     -chardev "file,id=cmdout,path=$run/out" -device virtserialport,bus=vser.0,chardev=cmdout,name=lane.out \
     -chardev "file,id=cmderr,path=$run/err" -device virtserialport,bus=vser.0,chardev=cmderr,name=lane.err \
-    "${virtfs[@]}" </dev/null
+    -chardev "file,id=beat,path=$run/beat" -device virtserialport,bus=vser.0,chardev=beat,name=lane.beat \
+    "${virtfs[@]}" </dev/null &
+qpid=$!
+# The stall watchdog: L1 writes a heartbeat every 10 s (images/lane/init); when none has
+# come for LUCOS_LANE_STALL seconds, L1 is wedged (QEMU-TCG, see README "Lanes") and is
+# stopped now rather than at LUCOS_LANE_TIMEOUT.
+stall=${LUCOS_LANE_STALL:-240}
+(
+    last=-1 quiet=0
+    while kill -0 "$qpid" 2>/dev/null; do
+        sleep 5
+        size=$(stat -c %s "$run/beat" 2>/dev/null || echo 0)
+        if [ "$size" != "$last" ]; then last=$size quiet=0; else quiet=$((quiet + 5)); fi
+        if [ "$quiet" -ge "$stall" ]; then
+            echo "$(tail -n 1 "$run/beat" 2>/dev/null)" > "$run/stalled"
+            kill -TERM "$qpid" 2>/dev/null
+            break
+        fi
+    done
+) & wdpid=$!
+wait "$qpid"
 qrc=$?
+kill "$wdpid" 2>/dev/null
+wait "$wdpid" 2>/dev/null
 # If QEMU failed before opening the FIFOs, the cats still wait for a writer: be one, briefly
 # (O_RDWR never blocks on a FIFO).
 for f in out err; do exec 3<>"$run/$f"; exec 3>&-; done
@@ -126,6 +154,20 @@ if [ -f "$run/status" ]; then
     rc=$(cat "$run/status")
     [ "$verbose" = 1 ] && echo "lane.sh: svm: exit status $rc after ${secs}s" >&2
     exit "$rc"
+fi
+if [ -f "$run/stalled" ]; then
+    echo "lane.sh: svm: L1 stopped responding: no heartbeat for ${stall}s (LUCOS_LANE_STALL; last at L1 uptime $(cat "$run/stalled")s), stopped after ${secs}s; L1 console:" >&2
+    [ -f "$console" ] && tail -n 40 "$console" >&2
+    retries=${LUCOS_LANE_WEDGE_RETRIES:-0}
+    if [ "$retries" -gt 0 ]; then
+        # L1 itself stopped (not the command: a command that hangs keeps the heartbeat
+        # going), so its run says nothing about the command; run it again in a fresh L1.
+        echo "lane.sh: NOTE: L1 wedged; running the command again in a fresh L1 ($retries retries left)" >&2
+        [ "$verbose" = 1 ] && kill "$tailpid" 2>/dev/null
+        rm -rf "$run"
+        LUCOS_LANE_WEDGE_RETRIES=$((retries - 1)) exec "${BASH_SOURCE[0]}" svm -- "$@"
+    fi
+    exit 125
 fi
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
     echo "lane.sh: svm: stopped after ${LUCOS_LANE_TIMEOUT:-3600}s (LUCOS_LANE_TIMEOUT); L1 console:" >&2
