@@ -126,7 +126,7 @@ impl Client {
         }
     }
 
-    /// Connects to `target`; a request then fails (with a timed-out I/O error) when the
+    /// Connects to `target`; a request then fails with [`ClientError::NoReply`] when the
     /// server takes more than `timeout` to read it or to answer, instead of waiting forever
     /// on a stuck server.
     pub fn connect_timeout(target: &Target, timeout: Duration) -> Result<Self, ClientError> {
